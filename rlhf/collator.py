@@ -1,0 +1,110 @@
+"""Preference records -> token rows -> padded MPO batches.
+
+A row holds the prompt already formatted as ChatML with every `<image>` expanded to its tiles' tokens (the tile
+count comes from the image size alone, so rows are built without decoding pixels), and the two responses each
+followed by `<|im_end|>` (reference: log-probs include it). Pixels are loaded in the collator, per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from .processing import IM_END, IMAGE_PLACEHOLDER, InternVLChatProcessor, chat_prompt
+
+ROW_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "image_paths", "max_patches", "source", "line"]
+
+
+def _tokenizer(processing_class) -> PreTrainedTokenizerBase:
+    return processing_class.tokenizer if isinstance(processing_class, InternVLChatProcessor) else processing_class
+
+
+def encode(processing_class, text: str) -> list[int]:
+    return _tokenizer(processing_class)(text, add_special_tokens=False)["input_ids"]
+
+
+def image_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as img:  # reads the header only
+        return img.size
+
+
+def prompt_text(processing_class, question: str, image_paths: list[str], max_patches: int | None,
+                system: str | None = None) -> str:
+    """ChatML prompt with `<image>` expanded to `<img><IMG_CONTEXT>...</img>` for each image's tiles."""
+    text = chat_prompt(question, system)
+    if not image_paths:
+        return text
+    if not isinstance(processing_class, InternVLChatProcessor):
+        raise ValueError("a sample with images needs an InternVL processor, got a plain tokenizer")
+    tiles = [processing_class.image_processor.num_tiles(*image_size(p), max_patches) for p in image_paths]
+    return processing_class.expand_images(text, tiles)
+
+
+def record_to_row(record, processing_class, default_max_patches: int = 12, system: str | None = None) -> dict[str, Any]:
+    """Tokenize one `rlhf.data.PreferenceRecord`."""
+    paths = list(record.image_paths)
+    max_patches = record.tiles_per_image if paths else 0
+    max_patches = max_patches or default_max_patches if paths else 0
+    question = record.question
+    if paths and IMAGE_PLACEHOLDER not in question:
+        question = f"{IMAGE_PLACEHOLDER}\n{question}"
+    return {
+        "prompt_ids": encode(processing_class, prompt_text(processing_class, question, paths, max_patches, system)),
+        "chosen_ids": encode(processing_class, record.chosen + IM_END),
+        "rejected_ids": encode(processing_class, record.rejected + IM_END),
+        "image_paths": paths,
+        "max_patches": max_patches,
+        "source": record.source,
+        "line": record.line,
+    }
+
+
+def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+@dataclass
+class MPOCollator:
+    """Batches rows as TRL's DPO layout: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, right-padded,
+    with `completion_mask` marking response tokens. Images are tiled once and their pixels repeated for the
+    rejected half. Completions that run past `max_length` are cut from the end (prompts were checked to fit)."""
+
+    processing_class: Any
+    max_length: int | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        tok = _tokenizer(self.processing_class)
+        seqs, masks = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for row in rows:
+                ids = list(row["prompt_ids"]) + list(row[key])
+                mask = [0] * len(row["prompt_ids"]) + [1] * len(row[key])
+                if self.max_length is not None and len(ids) > self.max_length:
+                    ids, mask = ids[: self.max_length], mask[: self.max_length]
+                seqs.append(ids)
+                masks.append(mask)
+        batch = {
+            "input_ids": pad_right(seqs, tok.pad_token_id),
+            "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
+            "completion_mask": pad_right(masks, 0),
+        }
+        pixel_values = self.pixel_values(rows)
+        if pixel_values is not None:
+            batch["pixel_values"] = torch.cat([pixel_values, pixel_values])
+        return batch
+
+    def pixel_values(self, rows: list[dict[str, Any]]) -> torch.Tensor | None:
+        tiles = []
+        for row in rows:
+            for path in row["image_paths"]:
+                with Image.open(path) as img:
+                    tiles.extend(self.processing_class.image_processor.tiles(img.convert("RGB"), row["max_patches"]))
+        return self.processing_class.image_processor.to_tensor(tiles) if tiles else None

@@ -1,0 +1,89 @@
+"""`MPOConfig`: TRL's `DPOConfig` with the published MPO defaults and mmalign's options."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from trl import DPOConfig
+
+from .losses import MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS
+
+
+class RewardShift(StrEnum):
+    """How δ, the reward shift of the quality (BCO) term, is computed."""
+
+    RUNNING_MEAN = "running_mean"  # published MPO: count-weighted cumulative mean of all rewards so far
+    NONE = "none"  # δ = 0, what TRL 1.16's `bco_pair` computes
+
+
+class OverflowAction(StrEnum):
+    """What happens to a sample whose prompt and image tokens do not fit `max_length`."""
+
+    SKIP = "skip"  # reported, left out of training
+    REJECT = "reject"  # reported, written to the rejects file
+    ERROR = "error"  # stop before training
+
+
+@dataclass
+class MPOConfig(DPOConfig):
+    """`DPOConfig` for Mixed Preference Optimization. Defaults follow the InternVL3 MPO recipe:
+    `loss_type=["sigmoid", "bco_pair", "sft"]`, `loss_weights=[0.8, 0.2, 1.0]`, `beta=0.1`, and the BCO reward
+    shift δ as a running mean synchronised across ranks and saved in checkpoints."""
+
+    loss_type: list[str] = field(
+        default_factory=lambda: list(MPO_LOSS_TYPES),
+        metadata={"help": "Loss terms; MPO is sigmoid (preference) + bco_pair (quality) + sft (generation). Any "
+                  "list TRL 1.16 accepts works."},
+    )
+    loss_weights: list[float] | None = field(
+        default_factory=lambda: list(MPO_LOSS_WEIGHTS),
+        metadata={"help": "Weights of `loss_type`, in order (MPO: 0.8, 0.2, 1.0)."},
+    )
+    reward_shift: str = field(
+        default=RewardShift.RUNNING_MEAN.value,
+        metadata={"help": "BCO reward shift δ: " + ", ".join(f"'{r.value}'" for r in RewardShift)
+                  + ". 'running_mean' is the published MPO; 'none' is TRL 1.16's δ = 0.",
+                  "choices": [r.value for r in RewardShift]},
+    )
+    on_overflow: str = field(
+        default=OverflowAction.SKIP.value,
+        metadata={"help": "A sample whose prompt + image tokens do not fit `max_length`: "
+                  + ", ".join(f"'{a.value}'" for a in OverflowAction) + ". Never truncated through image tokens.",
+                  "choices": [a.value for a in OverflowAction]},
+    )
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Write invalid records to `rejects.jsonl` in the output dir and train on the rest, "
+                  "instead of stopping with the list of problems."},
+    )
+    max_dynamic_patch: int = field(
+        default=12,
+        metadata={"help": "Default tile budget per sample (a data set's meta.json entry may override it)."},
+    )
+    use_liger_kernels: bool = field(
+        default=False,
+        metadata={"help": "Apply Liger-Kernel's layer kernels (RMSNorm, SwiGLU, RoPE) on CUDA; GPU-only."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass to save memory."},
+    )
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on when CUDA is there)."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = torch.cuda.is_available()
+        super().__post_init__()
+        self.reward_shift = RewardShift(self.reward_shift).value
+        self.on_overflow = OverflowAction(self.on_overflow).value
+        if self.loss_weights is None:
+            self.loss_weights = [1.0] * len(self.loss_type)
+        for name, value in [("beta", self.beta), *[(f"loss_weights[{i}]", w) for i, w in enumerate(self.loss_weights)]]:
+            if not math.isfinite(value):
+                raise ValueError(f"MPOConfig.{name} must be a finite number, got {value}")
+        if self.beta <= 0:
+            raise ValueError(f"MPOConfig.beta must be > 0, got {self.beta}")
