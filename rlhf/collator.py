@@ -108,3 +108,21 @@ class MPOCollator:
                 with Image.open(path) as img:
                     tiles.extend(self.processing_class.image_processor.tiles(img.convert("RGB"), row["max_patches"]))
         return self.processing_class.image_processor.to_tensor(tiles) if tiles else None
+
+
+def build_rows(records, processing_class, *, max_length: int | None, on_overflow: str, rejects_path=None,
+               default_max_patches: int = 12, system: str | None = None) -> list[dict[str, Any]]:
+    """Tokenize validated records; a prompt whose text and image tokens do not fit `max_length` (with room for at
+    least one response token) is reported and skipped, rejected or fatal as `on_overflow` says."""
+    from .data import check_lengths
+
+    rows = {id(r): record_to_row(r, processing_class, default_max_patches, system) for r in records}
+
+    def count_tokens(record) -> tuple[int, int, int]:
+        row = rows[id(record)]
+        return len(row["prompt_ids"]), len(row["chosen_ids"]), len(row["rejected_ids"])
+
+    if max_length is None:
+        return list(rows.values())
+    kept, _ = check_lengths(records, count_tokens, max_length, on_overflow=on_overflow, rejects_path=rejects_path)
+    return [rows[id(r)] for r in kept]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -73,10 +74,12 @@ class MPOConfig(DPOConfig):
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on when CUDA is there)."})
 
     def __post_init__(self):
-        if self.bf16 is None:
-            import torch
+        import torch
 
+        if self.bf16 is None:
             self.bf16 = torch.cuda.is_available()
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.use_cpu = True  # several CPU processes (torchrun / accelerate launch): DDP over gloo
         super().__post_init__()
         self.reward_shift = RewardShift(self.reward_shift).value
         self.on_overflow = OverflowAction(self.on_overflow).value
