@@ -19,21 +19,24 @@ class MPOScriptArguments:
     eval_data: str | None = field(default=None, metadata={"help": "Held-out data in the same formats."})
     image_root: str | None = field(default=None, metadata={"help": "Root for relative image paths of a TRL file."})
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt put before every question."})
-    data_seed: int = field(default=0, metadata={"help": "Seed of the fractional `repeat_time` subsampling."})
+    repeat_seed: int = field(default=0, metadata={"help": "Seed of the fractional `repeat_time` subsampling."})
 
 
 def parse(argv: list[str]):
     from trl import ModelConfig, TrlParser
 
     parser = TrlParser((MPOScriptArguments, MPOConfig, ModelConfig), prog="mmalign mpo")
-    return parser.parse_args_and_config(args=argv)
+    try:
+        return parser.parse_args_and_config(args=argv)
+    except (ValueError, FileNotFoundError) as err:  # unknown keys, bad values, missing recipe: one line
+        raise UserError(str(err).splitlines()[0]) from None
 
 
 def read_records(path: str, args: MPOConfig, script: MPOScriptArguments):
     from .data import read_mmpr, read_preference_dataset
 
     if Path(path).name.endswith("meta.json") or (Path(path).suffix == ".json" and _is_meta(path)):
-        return read_mmpr(path, default_max_dynamic_patch=args.max_dynamic_patch, seed=script.data_seed)
+        return read_mmpr(path, default_max_dynamic_patch=args.max_dynamic_patch, seed=script.repeat_seed)
     return read_preference_dataset(path, image_root=script.image_root)
 
 
@@ -78,7 +81,7 @@ def main(argv: list[str]) -> int:
         model_args.model_name_or_path,
         dtype=model_args.dtype,
         attn_implementation=model_args.attn_implementation,
-        trust_remote_code=model_args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code,
         seed=args.seed,
         **({"quantization_config": quantization} if quantization is not None else {}),
     )

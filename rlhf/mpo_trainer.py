@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from safetensors import safe_open
+from transformers import PreTrainedModel
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 
@@ -154,6 +156,22 @@ class MPOTrainer(DPOTrainer):
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
             (folder / STATE_FILE).write_text(json.dumps(self.mpo_state(), indent=2) + "\n")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """transformers 5 saves some architectures (InternVL among them) under their legacy key names, which the
+        Trainer's resume path loads with `load_state_dict(strict=False)` and so silently drops. Load such
+        checkpoints through `from_pretrained`, which maps the names back."""
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        weights = Path(resume_from_checkpoint) / "model.safetensors"
+        if weights.is_file() and isinstance(target, PreTrainedModel) and not is_peft_model(target) \
+                and not self.is_fsdp_enabled:
+            with safe_open(str(weights), "pt") as f:
+                saved_keys = set(f.keys())
+            if saved_keys != set(target.state_dict()):
+                fresh = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+                target.load_state_dict(fresh.state_dict(), strict=True)
+                return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:
