@@ -17,9 +17,9 @@ JOBS: dict[str, tuple[str, str]] = {
     "prm": ("reward.prm_job:main", "train a VisualPRM-style generative process reward model"),
     "bon": ("reward.bon_job:main", "score N responses per question with a PRM and evaluate Best-of-N"),
     "eval-prm": ("reward.eval_job:main", "step-level macro-F1 of a PRM on VisualProcessBench-format data"),
-    "rollout": ("data_gen.jobs:rollout_main", "sample chain-of-thought responses and judge their answers"),
-    "pairs": ("data_gen.jobs:pairs_main", "build MMPR preference pairs from rollouts"),
-    "label-steps": ("data_gen.jobs:label_steps_main", "Monte Carlo step labels in VisualPRM400K format"),
+    "rollout": ("data_gen.rollout:main", "sample chain-of-thought responses and judge their answers"),
+    "pairs": ("data_gen.pairs:main", "build MMPR preference pairs from rollouts"),
+    "label-steps": ("data_gen.label_steps:main", "Monte Carlo step labels in VisualPRM400K format"),
     "demo": ("data_gen.demo:main", "the whole InternVL3 post-training loop in miniature, on a CPU"),
 }
 
