@@ -18,7 +18,7 @@ class PromptTemplate(StrEnum):
 TEMPLATES: dict[str, str] = {
     PromptTemplate.BOXED: (
         "{question}\n\nAnswer the question above. Think step by step, separating the steps with blank lines. "
-        "The last line of your response must be of the form 'Answer: \\boxed{{ANSWER}}' (without quotes), where "
+        "The last line of your response must be of the form 'Answer: \\boxed{ANSWER}' (without quotes), where "
         "ANSWER is your final answer. If unsure, give your best guess."
     ),
     PromptTemplate.FINAL_ANSWER: (
