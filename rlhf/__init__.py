@@ -1,0 +1,18 @@
+"""mmalign core: InternVL loading and processing, MMPR data, and Mixed Preference Optimization on TRL."""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "MPOConfig": "rlhf.mpo_config",
+    "MPOTrainer": "rlhf.mpo_trainer",
+    "InternVLChatProcessor": "rlhf.processing",
+    "load_model_and_processor": "rlhf.models",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Heavy modules (torch, transformers, trl) load on first use, so `import rlhf` and `mmalign --help` stay fast."""
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'rlhf' has no attribute {name!r}")
