@@ -96,6 +96,9 @@ class MPOCollator:
             "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
             "completion_mask": pad_right(masks, 0),
         }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in rows[0]:
+                batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)
         pixel_values = self.pixel_values(rows)
         if pixel_values is not None:
             batch["pixel_values"] = torch.cat([pixel_values, pixel_values])

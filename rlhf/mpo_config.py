@@ -63,6 +63,11 @@ class MPOConfig(DPOConfig):
         default=12,
         metadata={"help": "Default tile budget per sample (a data set's meta.json entry may override it)."},
     )
+    ref_logps_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where `precompute_ref_log_probs` caches reference log-probs (default: OUTPUT_DIR/ref_logps); "
+                  "a cache made for other data, weights or settings is recomputed."},
+    )
     use_liger_kernels: bool = field(
         default=False,
         metadata={"help": "Apply Liger-Kernel's layer kernels (RMSNorm, SwiGLU, RoPE) on CUDA; GPU-only."},

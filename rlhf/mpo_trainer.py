@@ -21,10 +21,12 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from safetensors import safe_open
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 
+from . import ref_cache
 from .collator import ROW_COLUMNS, MPOCollator
 from .losses import MPOTerm, implicit_rewards, mpo_losses, update_running_mean
 from .mpo_config import MPOConfig, RewardShift
@@ -78,6 +80,36 @@ class MPOTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = [*ROW_COLUMNS, "ref_chosen_logps", "ref_rejected_logps"]
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """Reference log-probs of every row, computed once and cached on disk (TRL 1.16 refuses this for image
+        data); a cache whose data, weights or settings differ is recomputed. The reference model is not kept."""
+        settings = {"max_length": self.args.max_length, "ld_alpha": self.args.ld_alpha,
+                    "dtype": str(self.model.dtype), "split": name}
+        key = ref_cache.cache_key(ref_cache.rows_fingerprint(dataset), self._precompute_model_hash, settings)
+        path = ref_cache.cache_path(self.args.ref_logps_cache_dir or Path(self.args.output_dir) / "ref_logps", name, key)
+        cached = ref_cache.load(path, key, len(dataset))
+        if cached is None:
+            chosen, rejected = self._compute_all_ref_logps(dataset, name, batch_size)
+            if self.accelerator.is_main_process:
+                ref_cache.save(path, key, chosen, rejected, settings)
+            self.accelerator.wait_for_everyone()
+        else:
+            logger.info("%s: reference log-probs read from %s", name, path)
+            chosen, rejected = cached
+        return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column(
+            "ref_rejected_logps", rejected.tolist())
+
+    def _compute_all_ref_logps(self, dataset, name, batch_size):
+        loader = self.accelerator.prepare(torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False))
+        model = self.ref_model if self.ref_model is not None else self.model
+        chosen, rejected = [], []
+        for batch in tqdm(loader, desc=f"reference log-probs ({name})", disable=not self.accelerator.is_main_process):
+            c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+        return torch.cat(chosen), torch.cat(rejected)
 
     def _send_telemetry(self):
         """mmalign sends nothing anywhere."""
