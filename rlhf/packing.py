@@ -25,8 +25,8 @@ model, so the mask must already be in the form the attention function wants: "sd
 
 Memory: the dense mask is B x L x L (bool: L = 12288 is 151 MB per row; eager needs it in the model dtype). With
 flex attention only `segment_ids` is needed and the dense mask can be dropped from the batch.
-Under DistributedDataParallel, calling the backbone directly skips DDP's forward; call `packed_forward` on the
-module that DDP wraps only from inside a forward that DDP runs (DeepSpeed ZeRO hooks submodules and is unaffected).
+`packed_forward` calls the backbone (`model.model`) directly, which skips a DistributedDataParallel wrapper's
+forward: under DDP, run it from inside a forward that DDP calls (DeepSpeed ZeRO hooks submodules and is unaffected).
 """
 
 from __future__ import annotations
@@ -50,12 +50,15 @@ class Segment(IntEnum):
     REJECTED = 2
 
 
-def pair_visibility(seg_q: torch.Tensor, seg_kv: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+def pair_visibility(seg_q: torch.Tensor, seg_kv: torch.Tensor, q_idx: torch.Tensor,
+                    kv_idx: torch.Tensor) -> torch.Tensor:
     """The one attention rule (True = query may attend to key), elementwise over broadcastable tensors:
     a real query sees earlier-or-same real keys, except a rejected query never sees a chosen key; every index
     (padding included) sees itself, so no row of the mask is empty (SDPA returns NaN for an empty row)."""
-    real = (seg_q != Segment.PAD) & (seg_kv != Segment.PAD)
-    cross = (seg_q == Segment.REJECTED) & (seg_kv == Segment.CHOSEN)
+    # plain ints: dynamo (which traces flex mask_mods) folds `tensor != IntEnum member` to a Python bool (torch 2.13)
+    pad, chosen, rejected = int(Segment.PAD), int(Segment.CHOSEN), int(Segment.REJECTED)
+    real = (seg_q != pad) & (seg_kv != pad)
+    cross = (seg_q == rejected) & (seg_kv == chosen)
     return (q_idx == kv_idx) | (real & (kv_idx <= q_idx) & ~cross)
 
 
@@ -80,8 +83,9 @@ def block_mask_for_pairs(segment_ids: torch.Tensor, block_size: int = 128):
 
     Pass it as `attention_mask=` to a model loaded with `attn_implementation="flex_attention"` (transformers returns a
     4-D `BlockMask` unchanged and `flex_attention_forward` uses it as `block_mask`), together with the packed
-    `position_ids`; `packed_forward` does this. Build it on the device the model runs on (the flex kernels need a GPU
-    to be fast; blocks entirely masked, such as rejected-query x chosen-key blocks, are skipped).
+    `position_ids`; `packed_forward` does this. Build it on the device the model runs on: blocks entirely masked
+    (rejected queries x chosen keys, padding) are skipped by the GPU kernels. On CPU, torch 2.13 runs flex attention
+    forward only (no backward): the tiny InternVL's packed hidden states there match SDPA's to 2e-6.
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
