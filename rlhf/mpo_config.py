@@ -63,6 +63,17 @@ class MPOConfig(DPOConfig):
         default=12,
         metadata={"help": "Default tile budget per sample (a data set's meta.json entry may override it)."},
     )
+    pack_pairs: bool = field(
+        default=True,
+        metadata={"help": "Run each pair as one [prompt | chosen | rejected] sequence with a 4-D attention mask, so the "
+                  "vision tower and the prompt run once per pair (needs sdpa, eager or flex attention)."},
+    )
+    fused_loss: bool = field(
+        default=True,
+        metadata={"help": "Compute the LM head and every MPO term in token chunks (rlhf.fused): no logits are "
+                  "materialised, and extra memory does not grow with completion length x vocabulary."},
+    )
+    loss_chunk_tokens: int = field(default=1024, metadata={"help": "Tokens per chunk of the fused MPO loss."})
     ref_logps_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where `precompute_ref_log_probs` caches reference log-probs (default: OUTPUT_DIR/ref_logps); "

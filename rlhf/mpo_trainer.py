@@ -10,6 +10,7 @@ What it overrides (pinned to trl 1.16, checked by tests/test_trl_pins.py):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -25,10 +26,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
 
 from . import ref_cache
 from .collator import ROW_COLUMNS, MPOCollator
-from .losses import MPOTerm, implicit_rewards, mpo_losses, update_running_mean
+from .losses import TERM_METRIC, MPOTerm, update_running_mean
+from .mpo_head import MPOHeadSpec, add_mpo_head
+from .packing import PackedPairCollator
 from .mpo_config import MPOConfig, RewardShift
 
 logger = logging.getLogger(__name__)
@@ -47,24 +52,28 @@ class MPOTrainer(DPOTrainer):
         args = args or MPOConfig(output_dir="mpo-output")
         if processing_class is None:
             raise ValueError("MPOTrainer needs `processing_class` (an InternVLChatProcessor or a tokenizer)")
-        data_collator = data_collator or MPOCollator(processing_class, args.max_length)
+        self._mpo_path = (
+            set(args.loss_type) <= {t.value for t in MPOTerm}
+            and args.f_divergence_type == "reverse_kl"
+            and args.ld_alpha is None
+            and not args.use_weighting
+        )
+        if data_collator is None:
+            packed = self._mpo_path and args.pack_pairs
+            data_collator = (PackedPairCollator if packed else MPOCollator)(processing_class, args.max_length)
         if ref_model is None and kwargs.get("peft_config") is None and not is_peft_model(model) \
                 and not args.precompute_ref_log_probs:
             # The reference is a frozen copy of the initial policy (TRL would reload it from the model's path).
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        for target in (model, ref_model):  # before TRL's init, which may already run reference passes
+            if target is not None:
+                add_mpo_head(target.get_base_model() if is_peft_model(target) else target)
         # Running mean and count of all rewards seen so far (float64, identical on every rank).
         self.reward_shift_mean = torch.zeros((), dtype=torch.float64)
         self.reward_shift_count = torch.zeros((), dtype=torch.float64)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
-        terms = set(self.loss_types) if hasattr(self, "loss_types") else set(args.loss_type)
-        self._mpo_path = (
-            terms <= {t.value for t in MPOTerm}
-            and args.f_divergence_type == "reverse_kl"
-            and args.ld_alpha is None
-            and not args.use_weighting
-        )
         if args.use_liger_kernels:
             from .liger import apply_liger_kernels
 
@@ -125,36 +134,48 @@ class MPOTrainer(DPOTrainer):
         )
         return self.reward_shift_mean.to(chosen_rewards.device, chosen_rewards.dtype)
 
+    def _head_spec(self, **overrides) -> MPOHeadSpec:
+        return MPOHeadSpec(beta=self.beta, loss_types=list(self.loss_types), loss_weights=list(self.loss_weights),
+                           fused=self.args.fused_loss, chunk_tokens=self.args.loss_chunk_tokens, **overrides)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-prob sums (chosen, rejected) through the MPO head: completion positions only, either
+        batch layout, the adapter disabled for a PEFT policy."""
+        if not self._mpo_path:
+            return super().compute_ref_log_probs(model, inputs)
+        batch = {k: v for k, v in inputs.items() if k not in ("ref_chosen_logps", "ref_rejected_logps")}
+        adapter = contextlib.nullcontext()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is None and is_peft_model(unwrapped):
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter, self.accelerator.autocast():
+            out = model(**batch, mpo=self._head_spec(reference=True))
+        return out["chosen_logps"], out["rejected_logps"]
+
     def _compute_loss(self, model, inputs, return_outputs):
         if not self._mpo_path or return_outputs:
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items()
-                        if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
-        model_kwargs["use_cache"] = False
-        completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        shift_mask = completion_mask[:, 1:]
-        per_token_logps = outputs.log_probs[:, -shift_mask.size(1):]
-        chosen_logps, rejected_logps = per_token_logps.sum(dim=1).chunk(2)
         if self.precompute_ref_logps:
-            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            ref_model = self.ref_model if self.ref_model is not None else self.model
-            ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(ref_model, inputs)
-        chosen_rewards = implicit_rewards(chosen_logps, ref_chosen_logps, self.beta)
-        rejected_rewards = implicit_rewards(rejected_logps, ref_rejected_logps, self.beta)
-        delta = chosen_rewards.new_zeros(())
-        if self.args.reward_shift == RewardShift.RUNNING_MEAN and MPOTerm.QUALITY.value in self.loss_types:
-            delta = self.update_reward_shift(chosen_rewards, rejected_rewards)
-        loss, terms = mpo_losses(
-            chosen_rewards, rejected_rewards, delta,
-            per_token_logps.chunk(2)[0], shift_mask.chunk(2)[0],
-            self.loss_types, self.loss_weights,
-        )
-        self.log_mpo_metrics(mode, terms, delta, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
-        return loss
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else self.model, inputs)
+        deltas = []
+
+        def delta(chosen_rewards, rejected_rewards):  # δ is updated before use, from this batch's rewards
+            deltas.append(self.update_reward_shift(chosen_rewards, rejected_rewards))
+            return deltas[-1]
+
+        shifted = self.args.reward_shift == RewardShift.RUNNING_MEAN and MPOTerm.QUALITY.value in self.loss_types
+        batch = {k: v for k, v in inputs.items() if k not in ("ref_chosen_logps", "ref_rejected_logps")}
+        out = model(**batch, mpo=self._head_spec(delta=delta if shifted else 0.0, ref_chosen_logps=ref_chosen,
+                                                 ref_rejected_logps=ref_rejected))
+        terms = {TERM_METRIC[MPOTerm(t)]: out[TERM_METRIC[MPOTerm(t)]] for t in self.loss_types}
+        self.log_mpo_metrics(mode, terms, deltas[-1] if deltas else 0.0, out["chosen_rewards"],
+                             out["rejected_rewards"], out["chosen_logps"], out["rejected_logps"])
+        return out["loss"]
 
     def log_mpo_metrics(self, mode, terms, delta, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
         gather = self.accelerator.gather_for_metrics

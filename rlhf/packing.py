@@ -152,6 +152,9 @@ class PackedPairCollator:
             batch[f"{key}_src"] = pad_right(src[key], 0)
             batch[f"{key}_targets"] = pad_right(targets[key], 0)
             batch[f"{key}_mask"] = pad_right([[1] * len(t) for t in targets[key]], 0)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):  # precomputed reference log-probs ride along
+            if key in rows[0]:
+                batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)
         pixel_values = MPOCollator(self.processing_class).pixel_values(rows)
         if pixel_values is not None:
             batch["pixel_values"] = pixel_values

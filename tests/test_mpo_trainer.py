@@ -48,11 +48,15 @@ def build_trainers(tmp_path, tiny_internvl, rows, processor, **cfg):
     return MPOTrainer(policy, ref_model=ref, args=args, train_dataset=rows, processing_class=processor), policy, ref
 
 
-def test_reward_shift_none_equals_trl_dpo(tmp_path, tiny_internvl, preference_rows, tiny_processor):
-    """reward_shift='none': loss and every gradient equal TRL 1.16's DPOTrainer with the same loss types/weights."""
+@pytest.mark.parametrize("pack_pairs, fused_loss", [(True, True), (True, False), (False, True), (False, False)])
+def test_reward_shift_none_equals_trl_dpo(tmp_path, tiny_internvl, preference_rows, tiny_processor, pack_pairs,
+                                          fused_loss):
+    """reward_shift='none': loss and every gradient equal TRL 1.16's DPOTrainer with the same loss types/weights,
+    with and without packed pairs and the fused loss."""
     from trl import DPOConfig, DPOTrainer
 
-    ours, policy, ref = build_trainers(tmp_path, tiny_internvl, preference_rows, tiny_processor, reward_shift="none")
+    ours, policy, ref = build_trainers(tmp_path, tiny_internvl, preference_rows, tiny_processor, reward_shift="none",
+                                       pack_pairs=pack_pairs, fused_loss=fused_loss)
     trl_policy = copy.deepcopy(policy)
     trl_args = DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=["sigmoid", "bco_pair", "sft"],
                          loss_weights=[0.8, 0.2, 1.0], beta=0.1, report_to=[], bf16=False,
@@ -60,9 +64,12 @@ def test_reward_shift_none_equals_trl_dpo(tmp_path, tiny_internvl, preference_ro
     vision_rows = Dataset.from_list([{"images": [], "prompt": "p", "chosen": "c", "rejected": "r"}])
     theirs = DPOTrainer(trl_policy, ref_model=copy.deepcopy(ref), args=trl_args, train_dataset=vision_rows,
                         processing_class=tiny_processor)
-    batch = MPOCollator(tiny_processor, 512)([preference_rows[i] for i in range(4)])
+    rows = [preference_rows[i] for i in range(4)]
+    batch = MPOCollator(tiny_processor, 512)(rows)
     assert "pixel_values" in batch and batch["pixel_values"].shape[0] == 4  # 2 image rows x (chosen, rejected)
-    loss_ours = ours.compute_loss(ours.model, dict(batch))
+    ours_batch = ours.data_collator(rows)
+    assert ours_batch["pixel_values"].shape[0] == (2 if pack_pairs else 4)  # packed: each image once per pair
+    loss_ours = ours.compute_loss(ours.model, dict(ours_batch))
     loss_theirs = theirs.compute_loss(theirs.model, dict(batch))
     assert loss_ours.item() == pytest.approx(loss_theirs.item(), abs=1e-5)
     loss_ours.backward()
