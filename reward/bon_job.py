@@ -1,0 +1,253 @@
+"""`mmalign bon --config RECIPE.yaml`: score N responses per question with a PRM, keep the best, evaluate Best-of-N.
+
+Input: JSON lines, one question each:
+
+    {"id": ..., "image": "a.png" | ["a.png", ...] (or "images": [...]), "question": "...", "answer": "gt" (optional),
+     "responses": ["text", ...] | [{"text" | "response": "...", "answer": "...", "correct": true}, ...]}
+
+Response objects are the rollout records of the data-generation jobs; their `answer` (extracted) and `correct`
+are used when present, else the answer is extracted with `reward.verify.extract_answer` and judged against the
+record's `answer` (or `answer_gt`) with `reward.verify.is_correct`. A question without either is scored and
+selected but left out of the accuracy metrics. Relative image paths resolve against `image_root` (default: the
+data file's folder).
+
+Output in `output_dir`: `selected.jsonl` (per question: the selected response and every response's step and
+solution scores), `bon_metrics.json`, `bon_table.md` and `bon_curve.png` (see `reward.bon` for the definitions).
+A bad record stops the job with one line `file:line: field ...: expected ...`; with `--skip_invalid true` bad
+records go to `rejects.jsonl` with their error and the job goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import UserError
+
+from .formats import FormatError
+from .scorer import Aggregation, ScoringMethod
+
+logger = logging.getLogger("mmalign.bon")
+REJECTS_FILE = "rejects.jsonl"
+GROUND_TRUTH_KEYS = ("answer", "answer_gt")
+TEXT_KEYS = ("text", "response")
+
+
+@dataclass
+class ScorerArguments:
+    """Settings shared by the `bon` and `eval-prm` jobs: which PRM, how to run it."""
+
+    model_name_or_path: str = field(metadata={"help": "PRM checkpoint folder, or an embedded name (tiny-internvl)."})
+    data: list[str] = field(metadata={"help": "Input JSON-lines file(s)."})
+    output_dir: str = field(metadata={"help": "Where the outputs are written."})
+    image_root: str | None = field(default=None, metadata={"help": "Root of relative image paths "
+                                                                   "(default: each data file's folder)."})
+    aggregation: str = field(default=Aggregation.MEAN.value, metadata={
+        "help": f"Step scores -> solution score: {', '.join(Aggregation)}."})
+    method: str = field(default=ScoringMethod.SHARED_PREFIX.value, metadata={
+        "help": f"How the PRM runs (same scores, different cost): {', '.join(ScoringMethod)}."})
+    max_steps: int | None = field(default=None, metadata={"help": "Merge steps evenly beyond this many."})
+    batch_size: int = field(default=8, metadata={"help": "Solutions per forward pass."})
+    max_patches: int | None = field(default=None, metadata={"help": "Tile budget per question (default: the "
+                                                                      "processor's)."})
+    dtype: str | None = field(default=None, metadata={"help": "float32 (default), bfloat16, float16 or auto."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if any)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow checkpoint code (off by default)."})
+    seed: int = field(default=0, metadata={"help": "Seed of an embedded tiny model's random weights."})
+    skip_invalid: bool = field(default=False, metadata={"help": f"Write bad records to {REJECTS_FILE} and go on."})
+
+    def __post_init__(self):
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        for name, enum in (("aggregation", Aggregation), ("method", ScoringMethod)):
+            if getattr(self, name) not in set(enum):
+                raise UserError(f"{name} must be one of {', '.join(enum)}, got {getattr(self, name)!r}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class BoNRecord:
+    line: int
+    path: str
+    id: Any
+    question: str
+    images: list[str]
+    ground_truth: str | None
+    texts: list[str]
+    answers: list[str | None]
+    correct: list[bool | None]
+
+
+def _str(value: Any, name: str, *, blank_ok: bool = False) -> str:
+    if not isinstance(value, str) or (not blank_ok and not value.strip()):
+        raise FormatError(name, "a non-empty string" + (f", got {value!r:.60}" if value is not None else ""))
+    return value
+
+
+def _image_list(obj: dict, root: Path) -> list[str]:
+    if "image" in obj and "images" in obj:
+        raise FormatError("images", "either 'image' or 'images', not both")
+    key = "images" if "images" in obj else "image"
+    value = obj.get(key)
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise FormatError(key, f"a path or a list of paths, got {value!r:.60}")
+    paths = []
+    for i, item in enumerate(items):
+        name = key if isinstance(value, str) else f"{key}[{i}]"
+        path = root / _str(item, name)
+        if not path.is_file():
+            raise FormatError(name, f"an existing image file ({path} not found)")
+        paths.append(str(path))
+    return paths
+
+
+def _response(entry: Any, i: int, ground_truth: str | None) -> tuple[str, str | None, bool | None]:
+    from .verify import extract_answer, is_correct
+
+    name = f"responses[{i}]"
+    if isinstance(entry, str):
+        text, extra = entry, {}
+    elif isinstance(entry, dict):
+        key = next((k for k in TEXT_KEYS if k in entry), None)
+        if key is None:
+            raise FormatError(name, "a string or an object with a 'text' (or 'response') string")
+        text, extra = _str(entry[key], f"{name}.{key}", blank_ok=True), entry
+    else:
+        raise FormatError(name, f"a string or an object with a 'text' string, got {entry!r:.60}")
+    answer = extra.get("answer", _MISSING)
+    if answer is _MISSING:
+        answer = extract_answer(text)
+    elif answer is not None:
+        answer = _str(answer, f"{name}.answer", blank_ok=True)
+    correct = extra.get("correct")
+    if correct is not None and not isinstance(correct, bool):
+        raise FormatError(f"{name}.correct", f"true or false, got {correct!r:.60}")
+    if correct is None and ground_truth is not None:
+        correct = is_correct(text, ground_truth)
+    return text, answer, correct
+
+
+_MISSING = object()
+
+
+def parse_record(obj: Any, line: int, path: str, root: Path) -> BoNRecord:
+    if not isinstance(obj, dict):
+        raise FormatError(None, f"a JSON object per line, got {type(obj).__name__}")
+    question = _str(obj.get("question"), "question")
+    images = _image_list(obj, root)
+    key = next((k for k in GROUND_TRUTH_KEYS if obj.get(k) is not None), None)
+    ground_truth = None if key is None else _str(obj[key], key)
+    responses = obj.get("responses")
+    if not isinstance(responses, list) or not responses:
+        raise FormatError("responses", "a non-empty list of responses")
+    parsed = [_response(r, i, ground_truth) for i, r in enumerate(responses)]
+    texts, answers, correct = (list(x) for x in zip(*parsed))
+    return BoNRecord(line, path, obj.get("id", line), question, images, ground_truth, texts, answers, correct)
+
+
+def read_records(paths: list[str], image_root: str | None, *, skip_invalid: bool, rejects: Path,
+                 parse=parse_record) -> list:
+    """Every record of every file, validated before any model work; bad ones raise or go to `rejects`."""
+    records, bad = [], []
+    for path in paths:
+        root = Path(image_root) if image_root else Path(path).parent
+        try:
+            lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"{path}: cannot read ({err})") from None
+        for n, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                try:
+                    obj = json.loads(raw)
+                except json.JSONDecodeError as err:
+                    raise FormatError(None, f"one JSON object per line ({err.msg} at column {err.colno})") from None
+                records.append(parse(obj, n, path, root))
+            except FormatError as err:
+                bad.append((err.at(path, n), raw))
+    if bad and not skip_invalid:
+        more = f" ({len(bad)} bad records in all)" if len(bad) > 1 else ""
+        raise UserError(f"{bad[0][0]}{more}; fix them, or pass --skip_invalid true to write them to {rejects.name} "
+                        "and go on")
+    if bad:
+        with rejects.open("w", encoding="utf-8") as f:
+            for err, raw in bad:
+                f.write(json.dumps({"file": err.path, "line": err.line, "error": str(err), "record": raw}) + "\n")
+        logger.warning("skipped %d bad records (see %s)", len(bad), rejects)
+    if not records:
+        raise UserError(f"{', '.join(paths)}: no valid records")
+    return records
+
+
+def load_scorer(args: ScorerArguments):
+    import torch
+
+    from rlhf.models import load_model_and_processor
+
+    from .scorer import PRMScorer
+
+    model, processor = load_model_and_processor(args.model_name_or_path, dtype=args.dtype, seed=args.seed,
+                                                trust_remote_code=args.trust_remote_code)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    return PRMScorer(model, processor, aggregation=args.aggregation, max_steps=args.max_steps,
+                     batch_size=args.batch_size, method=args.method, max_patches=args.max_patches)
+
+
+def parse(argv: list[str], cls=ScorerArguments, prog: str = "mmalign bon"):
+    from trl import TrlParser
+
+    (args,) = TrlParser((cls,), prog=prog).parse_args_and_config(args=argv)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    from tqdm.auto import tqdm
+
+    from .bon import QuestionResponses, bon_metrics, markdown_table, plot_curve
+
+    args = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_records(args.data, args.image_root, skip_invalid=args.skip_invalid, rejects=out / REJECTS_FILE)
+    scorer = load_scorer(args)
+    evaluated = []
+    with (out / "selected.jsonl").open("w", encoding="utf-8") as f:
+        for r in tqdm(records, desc="bon", unit="question"):
+            scores = scorer.score_many(r.question, r.images, r.texts)
+            solution = [s.score for s in scores]
+            best = max(range(len(solution)), key=lambda i: (solution[i], -i))
+            row = {"id": r.id, "question": r.question, "images": r.images, "answer": r.ground_truth,
+                   "selected": best, "response": r.texts[best], "selected_answer": r.answers[best],
+                   "selected_correct": r.correct[best], "score": solution[best],
+                   "step_scores": scores[best].step_scores, "scores": solution,
+                   "all_step_scores": [s.step_scores for s in scores], "answers": r.answers, "correct": r.correct}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if all(c is not None for c in r.correct):
+                evaluated.append(QuestionResponses(solution, r.answers, r.correct))
+    summary: dict[str, Any] = {"n_questions": len(records), "n_evaluated": len(evaluated),
+                               "aggregation": args.aggregation, "scoring": asdict(scorer.stats)}
+    if evaluated:
+        metrics = bon_metrics(evaluated)
+        n = [q.n for q in evaluated]
+        summary.update(n_responses_min=min(n), n_responses_max=max(n),
+                       metrics={m: {str(k): v for k, v in ks.items()} for m, ks in metrics.items()})
+        title = f"Best-of-N: {len(evaluated)} questions, PRM {Path(args.model_name_or_path).name}"
+        (out / "bon_table.md").write_text(f"# {title}\n\nAccuracy (%) with the first k responses.\n\n"
+                                          + markdown_table(metrics))
+        plot_curve(metrics, out / "bon_curve.png", title="Best-of-N")
+        logger.info("%s\n%s", title, markdown_table(metrics))
+    else:
+        logger.warning("no question has a ground truth or per-response correctness: selection only, no metrics")
+    (out / "bon_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info("wrote %s", out)
+    return 0
