@@ -9,8 +9,9 @@ sequences, pairs and sides):
     terms   token log-probs -> per-sequence sums -> `rlhf.losses.mpo_losses`, the same pure functions the
             trainer calls, under autograd on these small (B, T) tensors: c_t = dL / d logp_t for every token
             (DPO and BCO give all tokens of a sequence the same c; the SFT term adds a token-level part)
-    pass 2  recompute the chunk's logits; dL/dlogits = c_t * (onehot(y_t) - softmax);
-            grad_h = dlogits @ W, grad_W += dlogits.T @ h, grad_b += sum of dlogits
+    pass 2  recompute the chunk's logits (not for pass 1's last chunk, still in the buffer);
+            dL/dlogits = c_t * (onehot(y_t) - softmax); grad_h = dlogits @ W, grad_W += dlogits.T @ h,
+            grad_b += sum of dlogits
 
 All gradients are made in the forward and handed out, scaled by the incoming gradient, in the backward. Extra
 memory on the torch path: one (chunk_tokens x V) fp32 buffer plus the fp32 weight gradient (V x H), whatever
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -139,22 +141,23 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
 
 
 def _target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(logits)[y] and the row logsumexp. Overwrites `logits`."""
+    """log softmax(logits)[y] and the row logsumexp. Leaves exp(logits - row max) in `logits`."""
     target = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     top = logits.amax(dim=1)
     lse = logits.sub_(top.unsqueeze(1)).exp_().sum(dim=1).log_().add_(top)
     return target - lse, lse
 
 
-def _logits_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """dL/dlogits = c * (onehot(y) - softmax(logits)), written over `logits`."""
-    grad = logits.sub_(lse.unsqueeze(1)).exp_().mul_(-coef.unsqueeze(1))
+def _grad_from_probs(probs: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """dL/dlogits = c * (onehot(y) - softmax), written over `probs`."""
+    grad = probs.mul_(-coef.unsqueeze(1))
     grad[torch.arange(len(targets), device=grad.device), targets] += coef
     return grad
 
 
 def _torch_logps(tokens: _Tokens, weight, bias, chunk_tokens: int, buf: torch.Tensor):
-    """Pass 1: every token's log-prob and its row's logsumexp, (N,) each, fp32."""
+    """Pass 1: every token's log-prob and its row's logsumexp, (N,) each, fp32. The last chunk stays in `buf` as
+    exp(logits - row max), for pass 2 to start from without its GEMM."""
     logps = torch.empty(len(tokens), dtype=torch.float32, device=buf.device)
     lse = torch.empty_like(logps)
     for start, end in tokens.chunks(chunk_tokens):
@@ -165,13 +168,19 @@ def _torch_logps(tokens: _Tokens, weight, bias, chunk_tokens: int, buf: torch.Te
 
 def _torch_grads(tokens: _Tokens, weight, bias, chunk_tokens: int, buf, lse, coef,
                  grad_hidden, grad_weight, grad_bias):
-    """Pass 2: accumulate into grad_hidden (one (B*T, H) per side), grad_weight and grad_bias (fp32) in place."""
-    for start, end in tokens.chunks(chunk_tokens):
+    """Pass 2: accumulate into grad_hidden (one (B*T, H) per side), grad_weight and grad_bias (fp32) in place.
+    Pass 1's last chunk comes first: its probabilities are still in `buf` (so one chunk needs no recompute)."""
+    chunks = list(tokens.chunks(chunk_tokens))
+    for k, (start, end) in enumerate(chunks[-1:] + chunks[:-1]):
         if not bool(coef[start:end].any()):  # e.g. rejected tokens when only "sft" is on
             continue
         h = tokens.hidden(start, end)
-        grad = _logits_grad(_logits(h, weight, bias, buf[: end - start]), tokens.targets[start:end],
-                            lse[start:end], coef[start:end])
+        if k == 0:
+            probs = buf[: end - start]
+            probs.div_(probs.sum(dim=1, keepdim=True))
+        else:
+            probs = _logits(h, weight, bias, buf[: end - start]).sub_(lse[start:end].unsqueeze(1)).exp_()
+        grad = _grad_from_probs(probs, tokens.targets[start:end], coef[start:end])
         if grad_hidden is not None:
             rows = (grad if weight.dtype == torch.float32 else grad.to(weight.dtype)) @ weight
             done = 0
@@ -229,7 +238,8 @@ class _FusedMPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chosen_hidden, rejected_hidden, weight, bias, chosen_targets, rejected_targets,
                 chosen_mask, rejected_mask, ref_chosen_logps, ref_rejected_logps, delta, spec: _Spec):
-        tokens = _Tokens([(chosen_hidden, chosen_targets, chosen_mask), (rejected_hidden, rejected_targets, rejected_mask)])
+        tokens = _Tokens([(chosen_hidden, chosen_targets, chosen_mask),
+                          (rejected_hidden, rejected_targets, rejected_mask)])
         liger = spec.backend is FusedBackend.LIGER
         if liger:
             logps = _liger_logps(tokens, weight, bias)
@@ -318,7 +328,7 @@ def fused_mpo_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float,
-    delta: torch.Tensor | float,
+    delta: torch.Tensor | float | Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float],
     loss_types: list[str],
     loss_weights: list[float],
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -330,7 +340,8 @@ def fused_mpo_loss(
     chosen/rejected_targets (B, T) token ids; masks (B, T), true at real tokens (a row may be all padding);
     ref_*_logps (B,): reference sums. lm_weight (V, H) and lm_bias (V,) or None, in the hidden states' dtype;
     fp32 and bf16 both run with fp32 softmax math and fp32 gradient accumulation, and the gradients come back
-    in the input dtype. `delta` (float or 0-dim tensor) gets no gradient.
+    in the input dtype. `delta`, the BCO reward shift, is a float, a 0-dim tensor or a callable given this batch's
+    detached (chosen_rewards, rejected_rewards) after pass 1 (to update a running mean before use); no gradient.
 
     Returns the weighted total (fp32) and aux, detached: chosen_logps, rejected_logps (per-sequence sums),
     chosen_rewards, rejected_rewards and each term's unweighted value under its `TERM_METRIC` name."""

@@ -1,0 +1,278 @@
+"""`mmalign demo`: the InternVL3 post-training loop in miniature, end to end on a CPU.
+
+Stages (each one of the project's own jobs with a recipe of `recipes/demo/`, each in its own folder under
+`output_dir`, each skipped on a rerun once finished; an interrupted stage resumes as its job does):
+
+    questions        tile-sum questions written as JSON lines + PNGs (train and held-out test splits)
+    sft              supervised warm-up of a random-init tiny InternVL on gold chains of thought (data_gen.sft)
+    rollout          K samples per training question from the SFT policy (`mmalign rollout`)
+    pairs            correctness + DropoutNTP pairs in MMPR format (`mmalign pairs`)
+    mpo              MPO with the published objective on those pairs (`mmalign mpo`)
+    test_rollout     N samples per test question from the Best-of-N policy (`mmalign rollout`)
+    label_steps      Monte Carlo step labels of SFT solutions to training questions (`mmalign label-steps`)
+    heldout_labels   Monte Carlo step labels of test responses (`mmalign label-steps`), the PRM's held-out set
+    prm              VisualPRM training, initialised from the SFT policy (`mmalign prm`)
+    evaluate         greedy accuracy of SFT and MPO; Best-of-k with the PRM vs majority, pass@k and random;
+                     PRM step macro-F1 against the held-out Monte Carlo labels and the task's exact step labels
+
+Output: `report.md`, `metrics.json`, `bon_curve.png`, `mpo_training.png` and the stage folders.
+
+    mmalign demo [--quick] [--output_dir runs/demo] [--config recipes/demo/demo.yaml] [--field value ...]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhf.errors import UserError
+
+logger = logging.getLogger("mmalign.demo")
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "demo"
+STAGE_FILE = "stage_done.json"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+TEST_START = 0  # test items are their own split; train questions start after the SFT items (no overlap)
+ROLLOUT_START = 1_000_000
+# targets of the issue, shown in the report
+TARGETS = {"mpo_gain": 0.10, "bon_vs_majority": 0.03, "bon_vs_random": 0.08, "prm_step_f1_exact": 0.75,
+           "full_minutes": 20.0, "quick_minutes": 3.0}
+
+# `--quick`: the same stages, CI-sized (a couple of minutes on 2 CPU cores); these replace the recipes' values
+QUICK_SIZES = {"train_questions": 12, "label_questions": 4, "test_questions": 8, "bon_samples": 8,
+               "heldout_label_questions": 3}
+QUICK_ARGS: dict[str, list[str]] = {
+    # the quick policy is barely trained: each question's gold solution joins its samples so that pairs exist
+    "rollout": ["--num_samples", "4", "--max_new_tokens", "48", "--reference_key", "solution"],
+    "pairs": ["--max_new_tokens", "24"],
+    "mpo": ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1"],
+    "test_rollout": ["--max_new_tokens", "48"],
+    "label_steps": ["--num_continuations", "4", "--max_new_tokens", "24", "--max_steps", "4"],
+    "heldout_labels": ["--num_continuations", "4", "--max_new_tokens", "24", "--max_steps", "4"],
+    "prm": ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1"],
+}
+
+
+@dataclass
+class DemoArguments:
+    output_dir: str = field(default="runs/demo", metadata={"help": "Where every stage writes."})
+    quick: bool = field(default=False, metadata={"help": "CI-sized run: fewer items and steps, same stages."})
+    recipes: str = field(default=str(RECIPES), metadata={"help": "Folder of the stage recipes."})
+    train_questions: int = field(default=512, metadata={"help": "Training questions rolled out for pairs."})
+    label_questions: int = field(default=160, metadata={"help": "Training questions whose SFT solutions get Monte "
+                                                                "Carlo step labels (the PRM's training set)."})
+    test_questions: int = field(default=300, metadata={"help": "Held-out questions."})
+    bon_samples: int = field(default=16, metadata={"help": "Responses per test question for Best-of-k."})
+    bon_policy: str = field(default="mpo", metadata={"help": "Policy sampled for Best-of-k: mpo | sft."})
+    heldout_label_questions: int = field(default=60, metadata={
+        "help": "Test questions whose responses get Monte Carlo labels (PRM step F1)."})
+    aggregation: str = field(default="mean", metadata={"help": "Solution score: mean | min | product | last."})
+    step_threshold: float = field(default=0.5, metadata={"help": "A step is predicted '+' iff P(+) > this."})
+    eval_batch_size: int = field(default=128, metadata={"help": "Sequences decoded together in evaluation."})
+    seed: int = field(default=0, metadata={"help": "Seed of the evaluation samples."})
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            for key, value in QUICK_SIZES.items():
+                setattr(self, key, value)
+        counts = ("train_questions", "label_questions", "test_questions", "bon_samples", "heldout_label_questions")
+        bad = [f"{k}={getattr(self, k)}" for k in counts if getattr(self, k) < 1]
+        if bad:
+            raise UserError(f"demo: {', '.join(bad)}: counts must be >= 1")
+        if self.label_questions > self.train_questions or self.heldout_label_questions > self.test_questions:
+            raise UserError("demo: label_questions must be <= train_questions and heldout_label_questions <= "
+                            "test_questions")
+        if self.bon_policy not in ("mpo", "sft"):
+            raise UserError(f"demo: bon_policy must be mpo or sft, got {self.bon_policy!r}")
+        if not 0.0 <= self.step_threshold < 1.0:
+            raise UserError(f"demo: step_threshold must be in [0, 1), got {self.step_threshold}")
+
+
+# -- stage bookkeeping -----------------------------------------------------------------------------------------------
+
+
+class Demo:
+    def __init__(self, args: DemoArguments):
+        self.args = args
+        self.out = Path(args.output_dir)
+        self.recipes = Path(args.recipes)
+        self.timings: dict[str, float] = {}
+        self.skipped: list[str] = []
+
+    def recipe(self, name: str) -> str:
+        path = self.recipes / f"{name}.yaml"
+        if not path.is_file():
+            raise UserError(f"demo: recipe {path} not found (--recipes points at the folder of stage recipes)")
+        return str(path)
+
+    def dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def stage(self, name: str, settings: dict[str, Any], fn: Callable[[Path], None], index: int, total: int):
+        """Run `fn(stage folder)` unless a finished marker with the same settings is there."""
+        folder = self.dir(name)
+        marker = folder / STAGE_FILE
+        settings = json.loads(json.dumps(settings))
+        if marker.is_file():
+            done = json.loads(marker.read_text())
+            if done.get("settings") == settings:
+                logger.info("[demo %d/%d] %s: done earlier (%.0f s), skipped", index, total, name, done["seconds"])
+                self.timings[name] = done["seconds"]
+                self.skipped.append(name)
+                return
+            raise UserError(f"demo: {folder} was made with other settings; use another --output_dir or delete it")
+        logger.info("[demo %d/%d] %s ...", index, total, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        fn(folder)
+        seconds = round(time.perf_counter() - start, 1)
+        marker.write_text(json.dumps({"seconds": seconds, "settings": settings}, indent=2) + "\n")
+        self.timings[name] = seconds
+        logger.info("[demo %d/%d] %s: %.0f s", index, total, name, seconds)
+
+    def job_argv(self, stage: str, recipe: str, argv: list[str]) -> list[str]:
+        return ["--config", self.recipe(recipe), *argv, *(QUICK_ARGS.get(stage, []) if self.args.quick else [])]
+
+    # -- the stages ------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        from rlhf.mpo_job import main as mpo_main
+        from reward.prm_job import main as prm_main
+
+        from . import label_steps, pairs, rollout
+
+        a = self.args
+        self.out.mkdir(parents=True, exist_ok=True)
+        q = self.dir("questions")
+        sft_final = self.dir("sft") / "final"
+        mpo_final = self.dir("mpo") / "final"
+        bon_model = mpo_final if a.bon_policy == "mpo" else sft_final
+        stages: list[tuple[str, dict, Callable[[Path], None]]] = []
+
+        def add_job(name: str, main: Callable[[list[str]], int], argv: list[str], recipe: str | None = None):
+            argv = self.job_argv(name, recipe or name, argv)
+
+            def go(folder: Path) -> None:
+                code = main(argv)
+                if code:
+                    raise UserError(f"demo: stage {name} failed with exit status {code}")
+            stages.append((name, {"argv": argv}, go))
+
+        stages.append(("questions", {k: getattr(a, k) for k in ("train_questions", "test_questions")},
+                       self.write_questions))
+        stages.append(("sft", {"quick": a.quick, "recipe": self.recipe("sft")}, self.train_sft))
+        add_job("rollout", rollout.main, ["--questions", str(q / "train.jsonl"), "--model", str(sft_final),
+                                          "--output_dir", str(self.dir("rollout"))])
+        add_job("pairs", pairs.main, ["--rollouts", str(self.dir("rollout") / "rollouts.jsonl"),
+                                      "--model", str(sft_final), "--output_dir", str(self.dir("pairs"))])
+        add_job("mpo", mpo_main, ["--model_name_or_path", str(sft_final), "--data",
+                                  str(self.dir("pairs") / "meta.json"), "--output_dir", str(self.dir("mpo"))])
+        add_job("test_rollout", rollout.main, [
+            "--questions", str(q / "test.jsonl"), "--model", str(bon_model), "--output_dir",
+            str(self.dir("test_rollout")), "--num_samples", str(a.bon_samples)], recipe="rollout")
+        stages.append(("label_subsets", {"label": a.label_questions, "heldout": a.heldout_label_questions},
+                       self.write_label_subsets))
+        add_job("label_steps", label_steps.main, [
+            "--solutions", str(self.dir("label_subsets") / "train_rollouts.jsonl"), "--model", str(sft_final),
+            "--output_dir", str(self.dir("label_steps"))])
+        add_job("heldout_labels", label_steps.main, [
+            "--solutions", str(self.dir("label_subsets") / "test_rollouts.jsonl"), "--model", str(bon_model),
+            "--output_dir", str(self.dir("heldout_labels"))], recipe="label_steps")
+        add_job("prm", prm_main, [
+            "--model_name_or_path", str(sft_final), "--data", str(self.dir("label_steps") / "visualprm.jsonl"),
+            "--eval_data", str(self.dir("heldout_labels") / "visualprm.jsonl"), "--output_dir",
+            str(self.dir("prm"))])
+        stages.append(("evaluate", asdict(a) | {"out": None}, self.evaluate))
+
+        start = time.perf_counter()
+        for i, (name, settings, fn) in enumerate(stages, 1):
+            self.stage(name, settings, fn, i, len(stages))
+        metrics = json.loads((self.dir("evaluate") / METRICS_FILE).read_text())
+        metrics["stage_seconds"] = self.timings
+        metrics["total_minutes"] = round(sum(self.timings.values()) / 60, 2)
+        metrics["this_run_seconds"] = round(time.perf_counter() - start, 1)
+        metrics["quick"] = a.quick
+        (self.out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        for png in ("bon_curve.png", "prm_calibration.png"):
+            if (self.dir("evaluate") / png).is_file():
+                shutil.copyfile(self.dir("evaluate") / png, self.out / png)
+        if (self.dir("mpo") / "mpo_training.png").is_file():
+            shutil.copyfile(self.dir("mpo") / "mpo_training.png", self.out / "mpo_training.png")
+        from .demo_report import write_report
+
+        write_report(self.out / REPORT_FILE, metrics, a, self.skipped)
+        return metrics
+
+    def write_questions(self, folder: Path) -> None:
+        from .task import TileSumTask
+
+        task = TileSumTask()
+        task.write_questions(folder, "train", self.args.train_questions, start=ROLLOUT_START)
+        task.write_questions(folder, "test", self.args.test_questions, start=TEST_START)
+
+    def train_sft(self, folder: Path) -> None:
+        from . import sft
+
+        argv = ["--config", self.recipe("sft"), "--output_dir", str(folder)] + (["--quick"] if self.args.quick else [])
+        args = sft.parse(argv)
+        kwargs = args.train_kwargs() | {"eval_items": 0}  # the evaluate stage measures every policy
+        sft.train_sft(args.output_dir, **kwargs)
+
+    def write_label_subsets(self, folder: Path) -> None:
+        """The rollout records of the first `label_questions` training and `heldout_label_questions` test questions
+        (label-steps labels every record it is given)."""
+        for src, dst, n in ((self.dir("rollout"), "train_rollouts.jsonl", self.args.label_questions),
+                            (self.dir("test_rollout"), "test_rollouts.jsonl", self.args.heldout_label_questions)):
+            lines = (src / "rollouts.jsonl").read_text(encoding="utf-8").splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+            records.sort(key=lambda r: r["id"])
+            with (folder / dst).open("w", encoding="utf-8") as f:
+                for r in records[:n]:
+                    r["image_root"] = str(Path(r["image_root"]).resolve()) if r.get("image_root") else r.get(
+                        "image_root")
+                    f.write(json.dumps(r) + "\n")
+
+    def evaluate(self, folder: Path) -> None:
+        from .demo_eval import evaluate
+
+        evaluate(self, folder)
+
+
+# -- command line ----------------------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str]) -> DemoArguments:
+    from trl import TrlParser
+
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        argv = ["--config", str(RECIPES / "demo.yaml"), *argv]
+    try:
+        (args,) = TrlParser((DemoArguments,), prog="mmalign demo").parse_args_and_config(args=argv)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    return args
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse(argv)
+    logger.info("mmalign demo%s on %s, output in %s", " (quick)" if args.quick else "", platform.processor() or
+                platform.machine(), args.output_dir)
+    metrics = Demo(args).run()
+    keys = ("sft_greedy_acc", "mpo_greedy_acc", "bon_prm_acc@8", "majority_acc@8", "random_acc@8", "pass@8",
+            "prm_step_f1", "prm_step_f1_exact", "total_minutes")
+    print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
+    print(f"report: {Path(args.output_dir) / REPORT_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,115 @@
+"""report.md of `mmalign demo`: what ran, how long each stage took, the numbers, and the targets met or missed."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+STAGE_HELP = {
+    "questions": "tile-sum questions written (train and held-out test)",
+    "sft": "supervised warm-up of the tiny InternVL on gold chains of thought",
+    "rollout": "samples of the SFT policy on training questions",
+    "pairs": "correctness + DropoutNTP pairs (MMPR format)",
+    "mpo": "MPO training, published objective",
+    "test_rollout": "samples of the Best-of-N policy on test questions",
+    "label_subsets": "solutions chosen for Monte Carlo labelling",
+    "label_steps": "Monte Carlo step labels of SFT solutions (PRM training set)",
+    "heldout_labels": "Monte Carlo step labels of test responses (held out)",
+    "prm": "VisualPRM training",
+    "evaluate": "greedy accuracy, Best-of-k, PRM step F1",
+}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def targets(m: dict[str, Any], quick: bool) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) rows; `met` is None where the number is missing."""
+    from .demo import TARGETS
+
+    def row(name: str, measured: str, ok: bool | None) -> tuple[str, str, bool | None]:
+        return name, measured, ok
+
+    rows = []
+    sft, mpo = m.get("sft_greedy_acc"), m.get("mpo_greedy_acc")
+    rows.append(row(f"MPO greedy >= SFT greedy + {100 * TARGETS['mpo_gain']:.0f} points",
+                    f"{_pct(mpo)} vs {_pct(sft)}", None if None in (sft, mpo) else mpo >= sft + TARGETS["mpo_gain"]))
+    bon, maj, rnd = m.get("bon_prm_acc@8"), m.get("majority_acc@8"), m.get("random_acc@8")
+    rows.append(row(f"PRM Best-of-8 >= majority@8 + {100 * TARGETS['bon_vs_majority']:.0f} points",
+                    f"{_pct(bon)} vs {_pct(maj)}",
+                    None if None in (bon, maj) else bon >= maj + TARGETS["bon_vs_majority"]))
+    rows.append(row(f"PRM Best-of-8 >= random@8 + {100 * TARGETS['bon_vs_random']:.0f} points",
+                    f"{_pct(bon)} vs {_pct(rnd)}",
+                    None if None in (bon, rnd) else bon >= rnd + TARGETS["bon_vs_random"]))
+    f1 = m.get("prm_step_f1_exact")
+    rows.append(row(f"PRM step macro-F1 (exact labels) >= {TARGETS['prm_step_f1_exact']}",
+                    "n/a" if f1 is None else f"{f1:.3f}", None if f1 is None else f1 >= TARGETS["prm_step_f1_exact"]))
+    limit = TARGETS["quick_minutes" if quick else "full_minutes"]
+    total = m.get("total_minutes")
+    rows.append(row(f"{'quick' if quick else 'full'} run <= {limit:.0f} minutes",
+                    "n/a" if total is None else f"{total:.1f} min", None if total is None else total <= limit))
+    return rows
+
+
+def write_report(path: Path, m: dict[str, Any], args: Any, skipped: list[str]) -> Path:
+    quick = bool(args.quick)
+    lines = [f"# mmalign demo report{' (quick)' if quick else ''}", ""]
+    lines += ["The InternVL3 post-training loop in miniature: a tiny InternVL-architecture policy (random init, "
+              "tokenizer trained in-process) learns the tile-sum task, MPO on its own rollouts, Monte Carlo step "
+              "labels, a VisualPRM, and Best-of-k on held-out questions.", ""]
+    lines += [f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}. "
+              f"Test questions: {args.test_questions}; samples per test question: {args.bon_samples} "
+              f"({args.bon_policy.upper()} policy); PRM aggregation: {args.aggregation}; step threshold "
+              f"{args.step_threshold}.", ""]
+    if quick:
+        lines += ["**Quick run**: a few items and steps per stage, to check the wiring; its numbers mean nothing.",
+                  ""]
+    lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
+    for name, measured, ok in targets(m, quick):
+        verdict = "met" if ok else "n/a" if ok is None else "**missed**"
+        if quick and "minutes" not in name:
+            verdict = "not judged (quick)"
+        lines.append(f"| {name} | {measured} | {verdict} |")
+    lines += ["", "## Headline numbers", "", "| metric | value |", "|---|---:|"]
+    for key in ("sft_greedy_acc", "mpo_greedy_acc", "bon_prm_acc@8", "majority_acc@8", "random_acc@8", "pass@8"):
+        if key in m:
+            lines.append(f"| {key} | {_pct(m[key])} |")
+    for key in ("prm_step_f1", "prm_step_f1_exact", "mc_labels_vs_exact_f1"):
+        if key in m:
+            lines.append(f"| {key} | {m[key]:.3f} |")
+    if m.get("train_pass_rate") is not None:
+        lines.append(f"| SFT sample accuracy on training questions (rollout pass rate) | {_pct(m['train_pass_rate'])} |")
+    lines += ["", "`prm_step_f1`: macro-F1 of the PRM's step judgements against held-out Monte Carlo labels; "
+              "`prm_step_f1_exact`: against the task's exact step labels on every test response; "
+              "`mc_labels_vs_exact_f1`: how well the Monte Carlo labels themselves match the exact ones.", ""]
+    lines += ["## Stages", "", "| stage | what | seconds |", "|---|---|---:|"]
+    for name, seconds in m.get("stage_seconds", {}).items():
+        note = " (done earlier)" if name in skipped else ""
+        lines.append(f"| {name} | {STAGE_HELP.get(name, '')}{note} | {seconds:.0f} |")
+    lines.append(f"| **total** | | **{60 * m.get('total_minutes', 0):.0f}** |")
+    if "bon_table" in m:
+        lines += ["", "## Best-of-k on held-out questions", "", m["bon_table"], "![Best-of-k](bon_curve.png)"]
+    if (path.parent / "mpo_training.png").is_file():
+        lines += ["", "## MPO training", "", "Reward margins, accuracy, the reward shift and the three unweighted "
+                  "MPO terms per logging step.", "", "![MPO training](mpo_training.png)"]
+    errors = [(k, m[f"{k}_first_errors"]) for k in ("sft", "mpo") if f"{k}_first_errors" in m]
+    if errors:
+        kinds = list(errors[0][1])
+        lines += ["", "## Where greedy answers first go wrong", "", "| policy | " + " | ".join(kinds) + " |",
+                  "|---|" + "---:|" * len(kinds)]
+        for name, counts in errors:
+            lines.append(f"| {name} | " + " | ".join(str(counts[k]) for k in kinds) + " |")
+    ls = m.get("label_steps")
+    if ls:
+        lines += ["", "## Monte Carlo labels (PRM training set)", "",
+                  f"{ls.get('solutions')} solutions, {ls.get('steps')} steps, {_pct(ls.get('positive_share'))} `+`; "
+                  f"{ls.get('continuations_sampled')} continuations sampled ({ls.get('mc_mode')} mode; the "
+                  f"published procedure would sample {ls.get('faithful_continuations')})."]
+    ps = m.get("pairs_summary")
+    if ps:
+        lines += ["", "## Pairs", "", "```", str(ps), "```"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

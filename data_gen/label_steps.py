@@ -1,0 +1,544 @@
+"""`mmalign label-steps --config RECIPE.yaml`: Monte Carlo step labels in VisualPRM400K format (reference section 3).
+
+Input (`solutions`): JSON lines, either the rollout job's output (up to `solutions_per_question` of each question's
+`responses` are labelled, in order) or one solution per question:
+
+    {"id", "image" | "images" (optional), "question", "answer", "responses": [{"text", "correct", ...}, ...]}
+    {"id", "image" | "images" (optional), "question", "answer", "solution": "step 1\\n\\nstep 2 ..."}
+
+Each solution is split into steps (`reward.formats.split_steps`: blank lines, even merge above `max_steps`). For
+step i the policy continues the answer `steps[0..i]` joined by blank lines plus one more blank line (the
+`assistant_prefix` of a request with the rollout's prompt), `num_continuations` times; a continuation is correct
+when the answer extracted from prefix + continuation is judged correct (`reward.verify.judge`). The step's score
+is mc_i = correct / sampled and its label is `+` iff the score > `label_threshold` (published: 0).
+
+Modes (`LabelMode`):
+
+- `faithful`, the published procedure: every step gets all `num_continuations` continuations. With `early_stop`,
+  the steps after the first `-` step get score 0 and no continuations (`num_mc_total` 0); with the published
+  threshold 0 that is the first step with mc = 0, as in the VisualPRM code.
+- `adaptive` (mmalign's own, not published): a step draws its continuations in rounds, in index order, and stops
+  as soon as its label is certain: at the first correct continuation for threshold 0, or after all of them are
+  wrong. The first round draws `first_round` continuations and each later one as many as were drawn so far
+  (2, 2, 4, 8 of 16), so a step that is `+` at once costs `first_round` continuations and any step at most 4 rounds.
+  Continuation j of a step has the same seed in both modes (`continuation_seed`: the run seed, the solution id, the
+  step and j), so with a backend that honours per-request seeds adaptive gives exactly faithful's labels from fewer
+  continuations. Its scores are NOT 16-sample estimates: `num_mc_total` is the number actually sampled and records
+  carry `"mc_mode": "adaptive"`; the label still equals `score > label_threshold`.
+
+Output in `output_dir` (resuming, sharding, failures.jsonl and summary.json as in `data_gen.workers`; one item =
+one solution, id `{question id}#{response index}`, committed whole or not at all):
+
+    mc.jsonl             raw Monte Carlo records (`reward.formats.MCRecord`): {"id", "image", "question", "answer",
+                         "steps_with_score": [{"step", "score", "num_mc_correct", "num_mc_total"}], "question_id",
+                         "solution_index", "response", "response_correct", "mc_mode", "early_stop",
+                         "num_continuations", "label_threshold", "num_continuations_sampled", "num_generated_tokens"}
+    visualprm.jsonl      the VisualPRM400K conversations (`reward.formats.ConversationRecord`), rebuilt from mc.jsonl
+    label_summary.json   solutions, steps, share of `+` steps, continuations sampled (and what faithful would
+                         sample), generated tokens
+    label_steps_settings.json   the settings that shape the records; a resumed run must use the same ones
+
+Train soft-label PRMs on the scores of faithful runs only; adaptive scores serve the hard labels. Image paths in the
+outputs are relative to `output_dir`, where the PRM job looks by default. visualprm.jsonl and label_summary.json are
+written when a run covers the whole input (num_shards 1; rerun with num_shards 1 to merge).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import UserError
+from rlhf.processing import IMAGE_PLACEHOLDER
+
+from .backends.base import BackendUnavailable, GenerationRequest, RolloutBackend
+from .prompts import PromptTemplate, build_prompt
+from .rollout import (BackendArguments, JobArguments, Question, SamplingArguments, check_settings,
+                      load_question_images, parse_args, read_questions)
+from .workers import Failure, JobInputError, item_seed
+
+MC_NAME = "mc"
+VISUALPRM_FILE = "visualprm.jsonl"
+LABEL_SUMMARY_FILE = "label_summary.json"
+SETTINGS_FILE = "label_steps_settings.json"
+RUN_ONLY_BACKEND_KEYS = ("batch_size", "device", "max_concurrency")  # how the backend runs, not what it makes
+
+
+class LabelMode(StrEnum):
+    """How many continuations a step gets."""
+
+    FAITHFUL = "faithful"  # all num_continuations (published)
+    ADAPTIVE = "adaptive"  # in rounds, until the label is certain (mmalign's own)
+
+
+# -- the Monte Carlo estimate ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MCSettings:
+    """What decides the labels. `answer_threshold` is the verifier's (a continuation is correct iff its answer
+    scores > it); `label_threshold` the step label's (`+` iff mc > it)."""
+
+    num_continuations: int = 16
+    mode: LabelMode = LabelMode.FAITHFUL
+    early_stop: bool = False
+    first_round: int = 2
+    label_threshold: float = 0.0
+    answer_threshold: float = 0.9
+    sampling: SamplingArguments = field(default_factory=SamplingArguments)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", _mode(self.mode))
+        for name in ("num_continuations", "first_round"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.label_threshold < 1.0:
+            raise UserError(f"label_threshold must be in [0, 1) (mc scores are at most 1), got {self.label_threshold}")
+        if not 0.0 <= self.answer_threshold < 1.0:
+            raise UserError(f"answer_threshold must be in [0, 1), got {self.answer_threshold}")
+
+
+def _mode(value: str) -> LabelMode:
+    try:
+        return LabelMode(value)
+    except ValueError:
+        raise UserError(f"mode must be one of {', '.join(LabelMode)}, got {value!r}") from None
+
+
+@dataclass
+class MCTask:
+    """One solution to label: the rollout prompt (user text with its images, system prompt), its steps, the
+    ground-truth answer."""
+
+    id: str
+    prompt: str
+    images: list = field(default_factory=list)
+    system: str | None = None
+    steps: list[str] = field(default_factory=list)
+    answer: str = ""
+
+
+@dataclass
+class MCResult:
+    """The Monte Carlo outcome of one solution: per step (num_mc_correct, num_mc_total), the labels, and the tokens
+    generated for it."""
+
+    correct: list[int]
+    sampled: list[int]
+    labels: list[bool]
+    num_generated_tokens: int = 0
+
+    @property
+    def scores(self) -> list[float]:
+        return [c / k if k else 0.0 for c, k in zip(self.correct, self.sampled)]
+
+    @property
+    def num_continuations(self) -> int:
+        return sum(self.sampled)
+
+
+def continuation_seed(base_seed: int, solution_id: str, step: int, index: int) -> int:
+    """The seed of continuation `index` from step `step` of a solution: the same in both modes and in any batch."""
+    return item_seed(base_seed, solution_id, step, index)
+
+
+def step_prefix(steps: list[str], step: int) -> str:
+    """The answer the policy continues from step `step` (0-based): steps 0..step joined by blank lines, plus the
+    blank line after which the next step starts."""
+    from reward.formats import STEP_SEPARATOR, join_steps
+
+    return join_steps(steps[:step + 1]) + STEP_SEPARATOR
+
+
+class _Cell:
+    """The continuations of one step of one task so far."""
+
+    __slots__ = ("correct", "sampled", "label")
+
+    def __init__(self) -> None:
+        self.correct = self.sampled = 0
+        self.label: bool | None = None  # None while undecided
+
+
+def _decide(cell: _Cell, s: MCSettings) -> bool | None:
+    """The cell's label once certain: faithful waits for all continuations; adaptive stops when the label can no
+    longer change (mc = correct / N only grows with more correct ones and is at most (correct + left) / N)."""
+    from reward.formats import hard_label
+
+    n = s.num_continuations
+    if cell.sampled >= n:
+        return hard_label(cell.correct / n, s.label_threshold)
+    if s.mode is LabelMode.ADAPTIVE:
+        if hard_label(cell.correct / n, s.label_threshold):
+            return True
+        if not hard_label((cell.correct + n - cell.sampled) / n, s.label_threshold):
+            return False
+    return None
+
+
+def _wanted(cells: list[_Cell], s: MCSettings) -> list[int]:
+    """The steps of one task that sample in the next round: every undecided one, or with early stop only the first
+    undecided one, and none after a `-` step."""
+    out = []
+    for i, cell in enumerate(cells):
+        if cell.label is False and s.early_stop:
+            break
+        if cell.label is None:
+            out.append(i)
+            if s.early_stop:
+                break
+    return out
+
+
+def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettings) -> list[MCResult | str]:
+    """Label every step of every task; a task whose continuations the backend failed gives its one-line reason.
+
+    Rounds: each round asks the backend, in one `generate` call, for the next continuations of every step still
+    undecided in every task (faithful: all that are left; adaptive: `first_round`, then as many as were drawn so
+    far), one request per continuation (n = 1) seeded by `continuation_seed`."""
+    from reward.verify import judge
+
+    s = settings
+    cells = {t.id: [_Cell() for _ in t.steps] for t in tasks}
+    tokens = dict.fromkeys(cells, 0)
+    failed: dict[str, str] = {}
+    params = s.sampling.params(1)
+    while True:
+        requests, keys = [], []
+        for task in tasks:
+            if task.id in failed:
+                continue
+            for i in _wanted(cells[task.id], s):
+                cell = cells[task.id][i]
+                left = s.num_continuations - cell.sampled
+                prefix = step_prefix(task.steps, i)
+                size = left if s.mode is LabelMode.FAITHFUL else min(left, max(s.first_round, cell.sampled))
+                for j in range(cell.sampled, cell.sampled + size):
+                    requests.append(GenerationRequest(
+                        id=f"{task.id}/step{i}/{j}", prompt=task.prompt, images=task.images, sampling=params,
+                        seed=continuation_seed(s.sampling.seed, task.id, i, j), system=task.system,
+                        assistant_prefix=prefix))
+                    keys.append((task, i, prefix))
+        if not requests:
+            break
+        results = backend.generate(requests)
+        if len(results) != len(requests):
+            raise RuntimeError(f"backend returned {len(results)} results for {len(requests)} requests")
+        asked: set[tuple[str, int]] = set()
+        for (task, i, prefix), result in zip(keys, results):
+            if task.id in failed:
+                continue
+            if not result.ok or len(result.texts) != 1:
+                failed[task.id] = f"backend: {result.error or f'{len(result.texts)} texts for n = 1'}"
+                continue
+            cell = cells[task.id][i]
+            cell.sampled += 1
+            cell.correct += judge(prefix + result.texts[0], task.answer, threshold=s.answer_threshold).correct
+            tokens[task.id] += result.num_generated_tokens or 0
+            asked.add((task.id, i))
+        for task_id, i in asked:
+            cells[task_id][i].label = _decide(cells[task_id][i], s)
+    out: list[MCResult | str] = []
+    for task in tasks:
+        if task.id in failed:
+            out.append(failed[task.id])
+            continue
+        row = cells[task.id]
+        labels = [bool(c.label) for c in row]  # steps never sampled (early stop) are `-`
+        out.append(MCResult([c.correct for c in row], [c.sampled for c in row], labels, tokens[task.id]))
+    return out
+
+
+# -- input -----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SolutionItem:
+    """One solution to label (the job's item)."""
+
+    id: str
+    question: Question
+    index: int
+    text: str
+    correct: bool | None = None  # the rollout's verdict, when the input has one
+    prompt_template: str = PromptTemplate.BOXED.value
+    system_prompt: str | None = None
+    record_images: list[str] = field(default_factory=list)  # image paths as the outputs write them
+
+
+def solution_id(question_id: str, index: int) -> str:
+    return f"{question_id}#{index}"
+
+
+def read_solutions(path: str | Path, *, image_root: str | Path | None = None, per_question: int = 4,
+                   prompt_template: str | None = None, system_prompt: str | None = None) -> list[SolutionItem]:
+    """The solutions of a rollout output or a one-solution-per-question file (see the module docstring); a bad
+    line is a one-line JobInputError naming file:line and the field. Images resolve against `image_root`, else
+    the record's `image_root` (rollout output), else the file's folder. `prompt_template`/`system_prompt` None
+    take the record's (rollout output), else the boxed template and no system prompt."""
+    path = Path(path)
+    questions = read_questions(path, image_root)  # id, question, answer and image checks
+    with path.open(encoding="utf-8") as f:
+        line_numbers = [n for n, text in enumerate(f, start=1) if text.strip()]
+    if len(line_numbers) != len(questions):
+        raise JobInputError(f"{path}: expected JSON lines of solutions, not an MMPR meta.json")
+    items = []
+    for line, q in zip(line_numbers, questions):
+        where = f"{path}:{line}"
+        if q.answer is None:
+            raise JobInputError(f"{where}: answer: missing; Monte Carlo labels judge continuations against it")
+        meta = q.meta
+        if image_root is None and isinstance(meta.get("image_root"), str) and q.image_key:
+            q.image_root = meta["image_root"]
+        template = prompt_template or meta.get("prompt_template") or PromptTemplate.BOXED.value
+        try:
+            build_prompt("", template)
+        except UserError as err:
+            raise JobInputError(f"{where}: prompt_template: {err}") from None
+        system = system_prompt if system_prompt is not None else meta.get("system_prompt")
+        for index, text, correct in _responses(meta, where)[:per_question]:
+            items.append(SolutionItem(solution_id(q.id, index), q, index, text, correct, template, system))
+    return items
+
+
+def _responses(meta: dict[str, Any], where: str) -> list[tuple[int, str, bool | None]]:
+    if ("responses" in meta) == ("solution" in meta):
+        raise JobInputError(f"{where}: expected either 'responses' (the rollout job's output) or 'solution' "
+                            "(one solution text)")
+    if "solution" in meta:
+        if not isinstance(meta["solution"], str):
+            raise JobInputError(f"{where}: solution: expected a string, got {meta['solution']!r:.60}")
+        return [(0, meta["solution"], None)]
+    responses = meta["responses"]
+    if not isinstance(responses, list):
+        raise JobInputError(f"{where}: responses: expected a list, got {responses!r:.60}")
+    out = []
+    for k, r in enumerate(responses):
+        text = r.get("text") if isinstance(r, dict) else r
+        if not isinstance(text, str):
+            raise JobInputError(f"{where}: responses[{k}]: expected a string or an object with a 'text' string, "
+                                f"got {r!r:.60}")
+        correct = r.get("correct") if isinstance(r, dict) else None
+        out.append((k, text, correct if isinstance(correct, bool) else None))
+    return out
+
+
+def with_placeholders(question: str, n_images: int) -> str:
+    """The question with one `<image>` per image, put in front when it has none (as InternVL does)."""
+    if n_images and IMAGE_PLACEHOLDER not in question:
+        return f"{IMAGE_PLACEHOLDER}\n" * n_images + question
+    return question
+
+
+# -- the work --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LabelSettings:
+    mc: MCSettings
+    max_steps: int
+    backend: BackendArguments
+
+
+class LabelStepsWorker:
+    """process_fn of the job: a batch of solutions in, one Monte Carlo record (or Failure) per solution out.
+    Picklable: the backend is built on first use in each worker process (or handed in for a single process)."""
+
+    def __init__(self, settings: LabelSettings, backend: RolloutBackend | None = None):
+        self.settings = settings
+        self.backend = backend
+
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings, "backend": None}
+
+    def __call__(self, items: list[SolutionItem]) -> list[dict | Failure]:
+        from reward.formats import split_steps
+
+        from rlhf.data import ImageLoadError
+
+        if self.backend is None:
+            self.backend = self.settings.backend.make()
+        outcomes: dict[str, dict | Failure] = {}
+        tasks, asked = [], []
+        for item in items:
+            steps = split_steps(item.text, self.settings.max_steps)
+            if not steps:
+                outcomes[item.id] = Failure(item.id, "the solution is empty (no steps to label)")
+                continue
+            try:
+                images = load_question_images(item.question)
+            except (ImageLoadError, ValueError) as err:
+                outcomes[item.id] = Failure(item.id, str(err))
+                continue
+            tasks.append(MCTask(item.id, build_prompt(item.question.question, item.prompt_template), images,
+                                item.system_prompt, steps, item.question.answer))
+            asked.append(item)
+        for item, task, result in zip(asked, tasks, monte_carlo(tasks, self.backend, self.settings.mc), strict=True):
+            outcomes[item.id] = Failure(item.id, result) if isinstance(result, str) else self.record(item, task, result)
+        return [outcomes[item.id] for item in items]
+
+    def record(self, item: SolutionItem, task: MCTask, result: MCResult) -> dict[str, Any]:
+        from reward.formats import MCRecord, MCStep
+
+        mc = self.settings.mc
+        steps = [MCStep(step, score, c, k)
+                 for step, score, c, k in zip(task.steps, result.scores, result.correct, result.sampled)]
+        meta = {"question_id": item.question.id, "solution_index": item.index, "response": item.text,
+                "response_correct": item.correct, "mc_mode": mc.mode.value, "early_stop": mc.early_stop,
+                "num_continuations": mc.num_continuations, "label_threshold": mc.label_threshold,
+                "num_continuations_sampled": result.num_continuations,
+                "num_generated_tokens": result.num_generated_tokens}
+        question = with_placeholders(item.question.question, len(item.record_images))
+        return MCRecord(question=question, steps=steps, images=list(item.record_images), id=item.id,
+                        answer=item.question.answer, meta=meta).to_json()
+
+
+# -- outputs ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LabelSummary:
+    """What the labels of a whole job folder add up to. `faithful_continuations` is what the faithful mode samples
+    for the same labels (num_continuations per step that was not early-stopped)."""
+
+    solutions: int = 0
+    steps: int = 0
+    positive_steps: int = 0
+    continuations_sampled: int = 0
+    faithful_continuations: int = 0
+    generated_tokens: int = 0
+    mc_mode: str = ""
+
+    @property
+    def positive_share(self) -> float:
+        return self.positive_steps / self.steps if self.steps else 0.0
+
+    def line(self) -> str:
+        saved = (f" ({self.faithful_continuations / self.continuations_sampled:.1f}x fewer than faithful's "
+                 f"{self.faithful_continuations})"
+                 if self.mc_mode == LabelMode.ADAPTIVE and self.continuations_sampled else "")
+        return (f"label-steps ({self.mc_mode}): {self.solutions} solutions, {self.steps} steps, "
+                f"{100 * self.positive_share:.1f}% positive, {self.continuations_sampled} continuations sampled"
+                f"{saved}, {self.generated_tokens} generated tokens")
+
+
+def write_outputs(output_dir: str | Path) -> LabelSummary:
+    """visualprm.jsonl and label_summary.json from the merged mc.jsonl (each written to a temporary file first)."""
+    from reward.formats import ConversationRecord, hard_label, read_jsonl, write_jsonl
+
+    output_dir = Path(output_dir)
+    records = read_jsonl(output_dir / f"{MC_NAME}.jsonl", "mc")
+    summary = LabelSummary()
+    conversations = []
+    for r in records:
+        threshold = r.meta.get("label_threshold", 0.0)
+        labels = [hard_label(s.score, threshold) for s in r.steps]
+        conversations.append(ConversationRecord(question=r.question, steps=[s.step for s in r.steps], labels=labels,
+                                                images=list(r.images), id=r.id,
+                                                meta={"mc_mode": r.meta.get("mc_mode")}))
+        summary.solutions += 1
+        summary.steps += len(labels)
+        summary.positive_steps += sum(labels)
+        summary.continuations_sampled += sum(s.num_mc_total for s in r.steps)
+        summary.faithful_continuations += r.meta.get("num_continuations", 0) * sum(s.num_mc_total > 0 for s in r.steps)
+        summary.generated_tokens += r.meta.get("num_generated_tokens", 0)
+        summary.mc_mode = r.meta.get("mc_mode", summary.mc_mode)
+    tmp = output_dir / f"{VISUALPRM_FILE}.tmp"
+    write_jsonl(tmp, conversations)
+    tmp.replace(output_dir / VISUALPRM_FILE)
+    data = asdict(summary) | {"positive_share": round(summary.positive_share, 6)}
+    tmp = output_dir / f"{LABEL_SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(output_dir / LABEL_SUMMARY_FILE)
+    return summary
+
+
+# -- the job ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LabelStepsArguments:
+    solutions: str = field(metadata={"help": "Rollout output (responses) or JSON lines with one 'solution' each."})
+    image_root: str | None = field(default=None, metadata={
+        "help": "Root of relative image paths (default: the record's image_root, else the file's folder)."})
+    solutions_per_question: int = field(default=4, metadata={"help": "Responses labelled per question (published: "
+                                                                     "4, sampled at temperature 1.0)."})
+    max_steps: int = field(default=12, metadata={"help": "More steps are merged evenly (12; 16 for InternVL3)."})
+    num_continuations: int = field(default=16, metadata={"help": "Continuations per step (published: 16)."})
+    mode: str = field(default=LabelMode.FAITHFUL.value, metadata={"help": f"{', '.join(LabelMode)}: all "
+                      "continuations per step (published), or rounds until the label is certain (ours)."})
+    early_stop: bool = field(default=False, metadata={
+        "help": "Steps after the first '-' step get score 0 without continuations (the VisualPRM code's default; "
+                "the InternVL3 data turned it off)."})
+    first_round: int = field(default=2, metadata={
+        "help": "adaptive: continuations of a step's first round; each later round draws as many as so far."})
+    label_threshold: float = field(default=0.0, metadata={"help": "A step is '+' iff its mc score > this."})
+    answer_threshold: float = field(default=0.9, metadata={"help": "A continuation is correct iff its answer "
+                                                                   "scores > this."})
+    prompt_template: str | None = field(default=None, metadata={
+        "help": f"{', '.join(PromptTemplate)} or a format string with {{question}} (default: the rollout's, else "
+                "boxed)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System prompt (default: the rollout's)."})
+
+    def __post_init__(self) -> None:  # the Monte Carlo settings are checked by MCSettings
+        for name in ("solutions_per_question", "max_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.mode = _mode(self.mode).value
+
+    def mc_settings(self, sampling: SamplingArguments) -> MCSettings:
+        return MCSettings(self.num_continuations, LabelMode(self.mode), self.early_stop, self.first_round,
+                          self.label_threshold, self.answer_threshold, sampling)
+
+
+def _record_images(item: SolutionItem, output_dir: Path) -> list[str]:
+    """The item's image paths relative to the output folder."""
+    root = Path(item.question.image_root or ".")
+    return [os.path.relpath((root / ref).resolve(), output_dir.resolve()) for ref in item.question.image_refs]
+
+
+def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: SamplingArguments, job: JobArguments,
+        *, backend: RolloutBackend | None = None):
+    """Run the job; returns (JobSummary, LabelSummary or None when this run covered one shard only).
+    `backend` replaces the one `backend_args` would build (and is left open)."""
+    from .workers import run_job
+
+    items = read_solutions(args.solutions, image_root=args.image_root, per_question=args.solutions_per_question,
+                           prompt_template=args.prompt_template, system_prompt=args.system_prompt)
+    output_dir = Path(job.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    items = [replace(item, record_images=_record_images(item, output_dir)) for item in items]
+    settings = LabelSettings(args.mc_settings(sampling), args.max_steps, backend_args)
+    where = ("solutions", "image_root", "solutions_per_question")  # which input, not how its records are made
+    fingerprint = {k: v for k, v in asdict(args).items() if k not in where} | {"sampling": asdict(sampling)}
+    fingerprint["backend"] = {"backend": backend_args.backend, **backend_args.kwargs()}
+    for key in RUN_ONLY_BACKEND_KEYS:
+        fingerprint["backend"].pop(key, None)
+    check_settings(output_dir, SETTINGS_FILE, fingerprint, job.resume)
+    owned = backend is None  # a backend handed in stays open for the caller
+    if owned:
+        backend = backend_args.make()
+        if job.workers > 1:  # checked here; each worker process builds its own
+            backend.close()
+            backend = None
+    worker = LabelStepsWorker(settings, backend)
+    try:
+        summary = run_job(items, worker, output_dir, name=MC_NAME, num_shards=job.num_shards,
+                          shard_index=job.shard_index, resume=job.resume, workers=job.workers,
+                          batch_size=job.batch_size, desc="label-steps", progress=job.progress,
+                          fatal_errors=(BackendUnavailable,))
+    finally:
+        if owned and worker.backend is not None:
+            worker.backend.close()
+    labels = write_outputs(output_dir) if job.num_shards == 1 else None
+    return summary, labels
+
+
+def main(argv: list[str]) -> int:
+    args, backend_args, sampling, job = parse_args(
+        (LabelStepsArguments, BackendArguments, SamplingArguments, JobArguments), argv, "mmalign label-steps")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _, labels = run(args, backend_args, sampling, job)  # run_job logs the summary line
+    if labels is not None:
+        print(labels.line())
+    return 0

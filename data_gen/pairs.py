@@ -1,0 +1,463 @@
+"""`mmalign pairs --config RECIPE.yaml`: MMPR preference pairs from rollouts (reference section 2).
+
+Per question (a record of the rollout job), responses are deduplicated by text and grouped: correct, wrong (an
+answer that is not correct) and unparseable (no answer: the format negatives). Responses with an empty text or an
+`<image>` placeholder are left out (counted as invalid). Three pair sets:
+
+- correctness: correct x wrong, dropping a pair when the chosen answer is a substring of the rejected answer;
+- format_negative: correct x unparseable, a separate set;
+- dropout_ntp: a chosen response (a correct one; any valid one for a question without an answer) keeps the
+  first `floor(dropout_ratio * words)` of its whitespace-separated words as a prefix, the policy continues the
+  prefix WITHOUT the image, rejected = prefix + continuation. For the questions `dropout_ntp` selects ("all",
+  "unverifiable": those without an answer, "none"); text-only questions are skipped (there is no image to drop).
+
+Each of the first two sets keeps at most `max_pairs_per_question` pairs per question, a seeded choice
+(`item_seed(seed, id, set)`) when there are more, in (chosen, rejected) order. With `answer_fix` the chosen
+response's final answer (the last `\\boxed{}`, else the text after the last "Answer:") is rewritten to the
+ground truth string.
+
+Output in `output_dir`, the MMPR format that `mmalign mpo` reads unchanged:
+
+    meta.json                    one entry per non-empty pair set: {"root", "annotation", "data_augment",
+                                 "repeat_time", "length"}; root = the rollouts' image folder (their common
+                                 ancestor when there are several), absolute; images are paths relative to it
+    correctness.jsonl, format_negative.jsonl, dropout_ntp.jsonl
+                                 {"image", "question" (the prompt the policy saw), "chosen", "rejected",
+                                  "answer_gt", "chosen_meta", "rejected_meta", "id", "question_id"}
+    pair_groups.jsonl            the pairs of each question (the resumable work of `data_gen.workers`)
+    summary.json                 questions, pass rate, pairs and pairs per question per set, dropped counts
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import UserError
+from rlhf.processing import IMAGE_PLACEHOLDER
+
+from .backends.base import BackendUnavailable, GenerationRequest, RolloutBackend
+from .prompts import build_prompt
+from .rollout import (ROLLOUTS_NAME, BackendArguments, JobArguments, SamplingArguments, check_settings, parse_args,
+                      resolve_image)
+from .workers import Failure, JobInputError, item_seed
+
+logger = logging.getLogger("mmalign.pairs")
+
+GROUPS_NAME = "pair_groups"
+SETTINGS_FILE = "pairs_settings.json"
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_RE = re.compile(r"answer\s*:", re.IGNORECASE)
+
+
+class PairSet(StrEnum):
+    CORRECTNESS = "correctness"
+    FORMAT_NEGATIVE = "format_negative"
+    DROPOUT_NTP = "dropout_ntp"
+
+
+class DropoutSelection(StrEnum):
+    """Which questions get DropoutNTP pairs."""
+
+    NONE = "none"
+    UNVERIFIABLE = "unverifiable"  # questions without an answer (the published use)
+    ALL = "all"
+
+
+# -- the rules, as pure functions ----------------------------------------------------------------------------------
+
+def group_responses(responses: list[dict]) -> tuple[list[int], list[int], list[int], dict[str, int]]:
+    """(correct, wrong, unparseable) response indices, first occurrence of each text only, and the counts of
+    `duplicate` and `invalid` (empty text or an `<image>` placeholder) responses left out."""
+    groups: tuple[list[int], list[int], list[int]] = ([], [], [])
+    seen: set[str] = set()
+    dropped = {"duplicate": 0, "invalid": 0}
+    for i, r in enumerate(responses):
+        text = r["text"]
+        if not text.strip() or IMAGE_PLACEHOLDER in text:
+            dropped["invalid"] += 1
+        elif text in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(text)
+            groups[0 if r.get("correct") else 2 if r.get("answer") is None else 1].append(i)
+    return *groups, dropped
+
+
+def cap(pairs: list, max_pairs: int, rng: random.Random) -> list:
+    """At most `max_pairs` of `pairs`: a seeded choice, kept in their original order."""
+    if len(pairs) <= max_pairs:
+        return list(pairs)
+    return [pairs[i] for i in sorted(rng.sample(range(len(pairs)), max_pairs))]
+
+
+def correctness_pairs(responses: list[dict], correct: list[int], wrong: list[int]) -> tuple[list, int]:
+    """correct x wrong (index pairs), without the pairs whose chosen answer is a substring of the rejected answer;
+    and how many were dropped by that rule."""
+    pairs = [(c, w) for c in correct for w in wrong]
+    kept = [(c, w) for c, w in pairs if responses[c]["answer"].strip() not in responses[w]["answer"]]
+    return kept, len(pairs) - len(kept)
+
+
+def _closing_brace(text: str, start: int) -> int:
+    depth = 1
+    i = start
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0:
+            return i
+        i += 1
+    return -1
+
+
+def fix_answer(text: str, answer: str) -> str:
+    """`text` with its final answer replaced by `answer`: the content of the last balanced `\\boxed{}`, else the
+    rest of the line after the last "Answer:"; unchanged when it has neither."""
+    pos, span = 0, None
+    while (m := _BOX_RE.search(text, pos)) is not None:
+        end = _closing_brace(text, m.end())
+        if end < 0:
+            break
+        span, pos = (m.end(), end), end + 1
+    if span is not None:
+        return text[:span[0]] + answer + text[span[1]:]
+    last = None
+    for last in _ANSWER_RE.finditer(text):
+        pass
+    if last is None:
+        return text
+    line_end = text.find("\n", last.end())
+    line_end = len(text) if line_end < 0 else line_end
+    return text[:last.end()] + " " + answer + text[line_end:]
+
+
+def dropout_prefix(text: str, ratio: float = 0.5) -> tuple[str, int, int]:
+    """(prefix, k, n): the text up to the end of its k-th whitespace-separated word, k = floor(ratio * n) of its n
+    words (whitespace inside the prefix kept as it was). k = 0 gives an empty prefix."""
+    words = list(re.finditer(r"\S+", text))
+    k = math.floor(ratio * len(words))
+    return (text[:words[k - 1].end()] if k else ""), k, len(words)
+
+
+def strip_images(question: str) -> str:
+    """The question without its `<image>` placeholders (and the newline after each)."""
+    return re.sub(re.escape(IMAGE_PLACEHOLDER) + r"\n?", "", question).strip()
+
+
+def prompt_with_images(question: str, template: str, n_images: int) -> str:
+    prompt = build_prompt(question, template)
+    if n_images and IMAGE_PLACEHOLDER not in prompt:
+        prompt = f"{IMAGE_PLACEHOLDER}\n" * n_images + prompt
+    return prompt
+
+
+# -- the work ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DropoutSampling(SamplingArguments):
+    max_new_tokens: int = field(default=2048, metadata={"help": "New tokens of a DropoutNTP continuation at most."})
+
+
+@dataclass
+class PairsArguments:
+    rollouts: str = field(metadata={"help": "The rollout job's rollouts.jsonl, or its output folder."})
+    image_root: str | None = field(default=None, metadata={"help": "Root of the records' image paths (default: "
+                                                                   "each record's image_root)."})
+    max_pairs_per_question: int = field(default=15, metadata={"help": "Per question and pair set (3 for very "
+                                                                        "large sets)."})
+    format_negatives: bool = field(default=True, metadata={"help": "Make the correct x unparseable pair set."})
+    answer_fix: bool = field(default=False, metadata={"help": "Rewrite the chosen final answer to the ground truth."})
+    dropout_ntp: str = field(default=DropoutSelection.UNVERIFIABLE.value, metadata={
+        "help": f"Questions that get DropoutNTP pairs: {', '.join(DropoutSelection)}."})
+    dropout_ratio: float = field(default=0.5, metadata={"help": "Fraction of the chosen words kept as prefix."})
+    dropout_pairs_per_question: int = field(default=1, metadata={"help": "DropoutNTP pairs per question."})
+
+    def __post_init__(self) -> None:
+        if self.dropout_ntp not in set(DropoutSelection):
+            raise UserError(f"dropout_ntp must be one of {', '.join(DropoutSelection)}, got {self.dropout_ntp!r}")
+        if not 0 < self.dropout_ratio < 1:
+            raise UserError(f"dropout_ratio must be in (0, 1), got {self.dropout_ratio}")
+        for name in ("max_pairs_per_question", "dropout_pairs_per_question"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def wants_dropout(args: PairsArguments, record: dict) -> bool:
+    if not record.get("image") and not record.get("images"):
+        return False
+    return args.dropout_ntp == DropoutSelection.ALL or (
+        args.dropout_ntp == DropoutSelection.UNVERIFIABLE and record.get("answer") is None)
+
+
+class PairsWorker:
+    """process_fn of the pairs job: rollout records in, one group record (every pair of the question) out. The
+    backend (for DropoutNTP only) is built on first use, or handed in."""
+
+    def __init__(self, args: PairsArguments, sampling: DropoutSampling, backend_args: BackendArguments,
+                 backend: RolloutBackend | None = None):
+        self.args, self.sampling, self.backend_args, self.backend = args, sampling, backend_args, backend
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "backend": None}
+
+    def __call__(self, records: list[dict]) -> list[dict | Failure]:
+        outcomes: dict[str, dict | Failure] = {}
+        ntp: list[tuple] = []  # see dropout_requests
+        for record in records:
+            qid = str(record["id"])
+            try:
+                group = self.group(record)
+            except (ValueError, KeyError, TypeError) as err:
+                outcomes[qid] = Failure(qid, f"{type(err).__name__}: {err}")
+                continue
+            outcomes[qid] = group
+            if wants_dropout(self.args, record):
+                ntp += self.dropout_requests(record, group)
+        if ntp:
+            if self.backend is None:
+                self.backend = self.backend_args.make()
+            results = self.backend.generate([entry[-1] for entry in ntp])
+            for (group, c, chosen, prefix, kept, _), result in zip(ntp, results, strict=True):
+                if not result.ok:
+                    outcomes[group["id"]] = Failure(group["id"], f"DropoutNTP continuation: {result.error}")
+                else:
+                    self.add_dropout_pair(group, c, chosen, prefix, kept, result.texts[0], result.num_generated_tokens)
+        return [outcomes[str(r["id"])] for r in records]
+
+    def group(self, record: dict) -> dict:
+        qid, responses, gt = str(record["id"]), record["responses"], record.get("answer")
+        key = "images" if "images" in record else "image"
+        refs = record.get(key)
+        refs = [] if refs is None else [refs] if isinstance(refs, str) else list(refs)
+        root = self.args.image_root or record.get("image_root")
+        if refs and not root:
+            raise ValueError("record has images but no image_root; set image_root")
+        paths = [resolve_image(root, ref) for ref in refs]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ValueError(f"image not found: {missing[0]}")
+        correct, wrong, unparseable, dropped = group_responses(responses)
+        cx, dropped["substring"] = correctness_pairs(responses, correct, wrong)
+        sets = {PairSet.CORRECTNESS: cx,
+                PairSet.FORMAT_NEGATIVE: [(c, u) for c in correct for u in unparseable] if self.args.format_negatives
+                else []}
+        group: dict[str, Any] = {"id": qid, "images": [str(p) for p in paths], "image_roots": [str(root)] * len(paths),
+                                 "multi": isinstance(record.get(key), list),
+                                 "prompt": prompt_with_images(record["question"], record["prompt_template"], len(refs)),
+                                 "answer": gt, "pass_rate": record.get("pass_rate"), "num_generated_tokens": 0,
+                                 "dropped": dropped | {"cap": 0, "identical": 0}}
+        for name, pairs in sets.items():
+            kept = cap(pairs, self.args.max_pairs_per_question, random.Random(item_seed(self.sampling.seed, qid, name)))
+            group["dropped"]["cap"] += len(pairs) - len(kept)
+            group[name] = [p for p in (self.pair(responses, c, r, gt) for c, r in kept) if self.distinct(group, p)]
+        group[PairSet.DROPOUT_NTP] = []
+        return group
+
+    @staticmethod
+    def distinct(group: dict, pair: dict) -> bool:
+        """False (counted as dropped "identical") when chosen and rejected read the same."""
+        if pair["chosen"].strip() != pair["rejected"].strip():
+            return True
+        group["dropped"]["identical"] += 1
+        return False
+
+    def chosen_text(self, response: dict, gt: str | None) -> tuple[str, bool]:
+        text = response["text"]
+        if self.args.answer_fix and gt is not None:
+            fixed = fix_answer(text, gt.strip())
+            return fixed, fixed != text
+        return text, False
+
+    def pair(self, responses: list[dict], c: int, r: int, gt: str | None) -> dict:
+        chosen, fixed = self.chosen_text(responses[c], gt)
+        meta = ("answer", "correct", "score", "matcher")
+        return {"chosen": chosen, "rejected": responses[r]["text"],
+                "chosen_meta": {"response": c, **{k: responses[c].get(k) for k in meta}, "answer_fixed": fixed},
+                "rejected_meta": {"response": r, **{k: responses[r].get(k) for k in meta}}}
+
+    def dropout_requests(self, record: dict, group: dict) -> list[tuple]:
+        """(group, chosen index, chosen text, prefix, words kept, request) for each DropoutNTP pair to make."""
+        responses, gt = record["responses"], record.get("answer")
+        correct, wrong, unparseable, _ = group_responses(responses)
+        pool = correct if gt is not None else sorted(correct + wrong + unparseable)
+        pool = [i for i in pool if dropout_prefix(responses[i]["text"], self.args.dropout_ratio)[1] > 0]
+        rng = random.Random(item_seed(self.sampling.seed, group["id"], PairSet.DROPOUT_NTP.value))
+        prompt = build_prompt(strip_images(record["question"]), record["prompt_template"])
+        out = []
+        for k, c in enumerate(cap(pool, self.args.dropout_pairs_per_question, rng)):
+            text, _ = self.chosen_text(responses[c], gt)
+            prefix, kept, _ = dropout_prefix(text, self.args.dropout_ratio)
+            request = GenerationRequest(id=f"{group['id']}#ntp{k}", prompt=prompt, sampling=self.sampling.params(1),
+                                        seed=item_seed(self.sampling.seed, group["id"], PairSet.DROPOUT_NTP.value, k),
+                                        system=record.get("system_prompt"), assistant_prefix=prefix)
+            out.append((group, c, text, prefix, kept, request))
+        return out
+
+    @staticmethod
+    def add_dropout_pair(group: dict, c: int, chosen: str, prefix: str, kept: int, continuation: str,
+                         tokens: int | None) -> None:
+        group["num_generated_tokens"] += tokens or 0
+        pair = {"chosen": chosen, "rejected": prefix + continuation, "chosen_meta": {"response": c},
+                "rejected_meta": {"prefix_words": kept, "prefix_chars": len(prefix), "continuation_tokens": tokens}}
+        if PairsWorker.distinct(group, pair):  # the same ending without the image makes no pair
+            group[PairSet.DROPOUT_NTP].append(pair)
+
+
+# -- the MMPR files ------------------------------------------------------------------------------------------------
+
+def write_mmpr(output_dir: str | Path, groups: list[dict]) -> dict[str, int]:
+    """Write the pair sets of `groups` (in order) as MMPR annotation files + meta.json; returns pairs per set."""
+    output_dir = Path(output_dir)
+    roots = [r for g in groups for r in g["image_roots"]]
+    root = os.path.commonpath(roots) if roots else None
+    meta, counts = {}, {}
+    for name in PairSet:
+        lines = []
+        for g in groups:
+            for k, pair in enumerate(g[name]):
+                record: dict[str, Any] = {}
+                if g["images"]:
+                    rel = [os.path.relpath(p, root) for p in g["images"]]
+                    record["image"] = rel if g["multi"] else rel[0]
+                record |= {"question": g["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"],
+                           "answer_gt": g["answer"], "chosen_meta": pair["chosen_meta"],
+                           "rejected_meta": pair["rejected_meta"], "id": f"{g['id']}/{name}/{k}",
+                           "question_id": g["id"]}
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        counts[name] = len(lines)
+        path = output_dir / f"{name}.jsonl"
+        if not lines:
+            path.unlink(missing_ok=True)
+            continue
+        _write_atomic(path, "".join(lines))
+        meta[name] = {"root": root, "annotation": path.name, "data_augment": False, "repeat_time": 1,
+                      "length": len(lines)}
+        if root is None:
+            del meta[name]["root"]
+    _write_atomic(output_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return counts
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def summarize(groups: list[dict], counts: dict[str, int]) -> dict[str, Any]:
+    n = len(groups)
+    rates = [g["pass_rate"] for g in groups if g["pass_rate"] is not None]
+    dropped: dict[str, int] = {}
+    for g in groups:
+        for key, value in g["dropped"].items():
+            dropped[key] = dropped.get(key, 0) + value
+    return {"questions": n, "questions_with_answer": len(rates),
+            "mean_pass_rate": sum(rates) / len(rates) if rates else None,
+            "pairs": counts, "pairs_per_question": {k: v / n if n else 0.0 for k, v in counts.items()},
+            "questions_with_pairs": {name.value: sum(bool(g[name]) for g in groups) for name in PairSet},
+            "dropped": dropped}
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    rate = summary["mean_pass_rate"]
+    head = (f"pairs: {summary['questions']} questions ({summary['questions_with_answer']} with an answer"
+            + (f", mean pass rate {rate:.3f}" if rate is not None else "") + ")")
+    sets = ", ".join(f"{k} {v} ({summary['pairs_per_question'][k]:.2f}/question)" for k, v in summary["pairs"].items())
+    return f"{head}: {sets}"
+
+
+# -- the job -------------------------------------------------------------------------------------------------------
+
+def read_rollouts(path: str | Path) -> list[dict]:
+    """The records of a rollouts.jsonl (or of the rollout folder holding one); one-line errors naming file:line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{ROLLOUTS_NAME}.jsonl"
+    if not path.is_file():
+        raise JobInputError(f"{path}: rollouts file not found (merge a sharded rollout job by rerunning it with "
+                            "num_shards 1)")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise JobInputError(f"{where}: malformed JSON: {err.msg}") from None
+            for key, ok, expected in (
+                ("id", isinstance(record.get("id"), (str, int)), "a string or integer"),
+                ("question", isinstance(record.get("question"), str), "a string"),
+                ("prompt_template", isinstance(record.get("prompt_template"), str), "a string"),
+                ("responses", isinstance(record.get("responses"), list) and all(
+                    isinstance(r, dict) and isinstance(r.get("text"), str) for r in record["responses"]),
+                 "a list of {text, answer, correct, ...} objects"),
+            ):
+                if not ok:
+                    raise JobInputError(f"{where}: {key}: expected {expected} (a record of the rollout job)")
+            records.append(record)
+    return records
+
+
+def run(args: PairsArguments, backend_args: BackendArguments, sampling: DropoutSampling, job: JobArguments,
+        *, backend: RolloutBackend | None = None) -> dict[str, Any]:
+    """Run the pairs job; returns the summary (also in summary.json). `backend` replaces the one `backend_args`
+    would build (needed only for DropoutNTP)."""
+    from .workers import ResultStore, run_job
+
+    records = read_rollouts(args.rollouts)
+    settings = {"pairs": asdict(args), "sampling": asdict(sampling),
+                "backend": {"backend": backend_args.backend, **backend_args.kwargs()}}
+    for key in ("batch_size", "device", "max_concurrency"):
+        settings["backend"].pop(key, None)
+    check_settings(job.output_dir, SETTINGS_FILE, settings, job.resume)
+    systems = {r.get("system_prompt") for r in records} - {None}
+    if systems:  # MMPR records carry no system prompt: training must add it
+        logger.warning("the rollouts used a system prompt; train on these pairs with --system_prompt %r",
+                       sorted(systems)[0])
+    owned = backend is None  # a backend handed in stays open for its owner
+    if owned and job.workers == 1 and any(wants_dropout(args, r) for r in records):
+        backend = backend_args.make()  # fails at start, one line, when the policy cannot be used
+    worker = PairsWorker(args, sampling, backend_args, backend)
+    try:
+        job_summary = run_job(records, worker, job.output_dir, name=GROUPS_NAME, num_shards=job.num_shards,
+                              shard_index=job.shard_index, resume=job.resume, workers=job.workers,
+                              batch_size=job.batch_size, desc="pairs", progress=job.progress,
+                              fatal_errors=(BackendUnavailable,))
+    finally:
+        if owned and worker.backend is not None:
+            worker.backend.close()
+    if job.num_shards > 1:
+        return {"job": asdict(job_summary)}
+    with ResultStore(job.output_dir, GROUPS_NAME) as store:
+        groups = list(store.records())
+    counts = write_mmpr(job.output_dir, groups)
+    summary = summarize(groups, counts) | {"job": asdict(job_summary)}
+    _write_atomic(Path(job.output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    args, backend_args, sampling, job = parse_args(
+        (PairsArguments, BackendArguments, DropoutSampling, JobArguments), argv, "mmalign pairs")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    summary = run(args, backend_args, sampling, job)
+    if "pairs" in summary:
+        print(summary_line(summary))
+        print(f"MMPR data: {Path(job.output_dir) / 'meta.json'}")
+    else:
+        print("shard done: rerun with num_shards 1 once every shard has ended to write meta.json")
+    return 0

@@ -1,0 +1,69 @@
+"""`mmalign demo --quick`: every stage of the loop runs through the project's own jobs, writes the report, the
+metrics and the plots, and a rerun skips the finished stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_gen import demo
+from rlhf.errors import UserError
+
+KEYS = ("sft_greedy_acc", "mpo_greedy_acc", "bon_prm_acc@8", "majority_acc@8", "random_acc@8", "pass@8",
+        "prm_step_f1", "prm_step_f1_exact")
+STAGES = ("questions", "sft", "rollout", "pairs", "mpo", "test_rollout", "label_subsets", "label_steps",
+          "heldout_labels", "prm", "evaluate")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert demo.main(["--quick", "--output_dir", str(out)]) == 0
+    return out
+
+
+def test_quick_demo_writes_report_metrics_and_plots(quick_run):
+    metrics = json.loads((quick_run / "metrics.json").read_text())
+    for key in KEYS:
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert list(metrics["stage_seconds"]) == list(STAGES)
+    # Best-of-k is reported for k = 1..8 and pass@k bounds every selection method
+    bon = metrics["bon"]
+    assert sorted(map(int, bon["pass_at_k"])) == list(range(1, 9))
+    for k in map(str, range(1, 9)):
+        assert bon["pass_at_k"][k] >= max(bon["prm_best_of_k"][k], bon["majority_vote"][k], bon["random"][k]) - 1e-9
+    assert bon["prm_best_of_k"]["1"] == pytest.approx(bon["random"]["1"])  # one sample: nothing to choose
+    for png in ("bon_curve.png", "mpo_training.png"):
+        assert (quick_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (quick_run / "report.md").read_text()
+    assert "## Targets" in report and "PRM step macro-F1" in report and "![Best-of-k](bon_curve.png)" in report
+    # each stage used the project's jobs: their outputs are where the next stage read them
+    assert (quick_run / "pairs" / "meta.json").is_file()
+    assert (quick_run / "mpo" / "final" / "model.safetensors").is_file()
+    assert (quick_run / "prm" / "final" / "model.safetensors").is_file()
+    assert (quick_run / "label_steps" / "visualprm.jsonl").read_text().strip()
+
+
+def test_rerun_skips_finished_stages(quick_run, caplog):
+    before = (quick_run / "metrics.json").read_text()
+    caplog.set_level("INFO", logger="mmalign.demo")
+    assert demo.main(["--quick", "--output_dir", str(quick_run)]) == 0
+    skipped = [r.getMessage() for r in caplog.records if "done earlier" in r.getMessage()]
+    assert len(skipped) == len(STAGES)
+    after = json.loads((quick_run / "metrics.json").read_text())
+    assert {k: after[k] for k in KEYS} == {k: json.loads(before)[k] for k in KEYS}
+    assert "(done earlier)" in (quick_run / "report.md").read_text()
+
+
+def test_other_settings_in_the_same_folder_are_refused(quick_run):
+    with pytest.raises(UserError, match="other settings"):
+        demo.main(["--quick", "--output_dir", str(quick_run), "--test_questions", "5"])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--bon_policy", "best", "bon_policy"), ("--label_questions", "0", "counts must be >= 1"),
+    ("--step_threshold", "1.5", "step_threshold")])
+def test_bad_settings_are_one_line_errors(tmp_path, flag, value, message):
+    with pytest.raises(UserError, match=message):
+        demo.parse(["--output_dir", str(tmp_path), flag, value])

@@ -1,0 +1,200 @@
+"""Demo stage 1 (data_gen/sft.py) and the accuracy helpers (data_gen/evaluate.py), on the tiny InternVL."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import InternVLForConditionalGeneration, TrainerCallback
+
+from data_gen.evaluate import FirstError, first_error, first_errors, greedy_accuracy, majority_correct
+from data_gen.sft import (
+    CONFIG_FILE,
+    DONE_FILE,
+    FINAL_DIR,
+    IGNORE_INDEX,
+    QUICK,
+    RESPONSES_FILE,
+    SFTArguments,
+    SFTCollator,
+    TileSumItems,
+    parse,
+    train_sft,
+)
+from data_gen.task import TileSumTask
+from rlhf.errors import UserError
+from rlhf.processing import IM_END, InternVLChatProcessor
+from rlhf.tiny import TinySizes, build_internvl
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "sft.yaml"
+# 6 steps of 8 items, a checkpoint every 3 steps, 4 greedy test items and 2 samples each: a few seconds on a CPU
+RUN = dict(steps=6, batch_size=8, learning_rate=2e-3, seed=0, save_steps=3, logging_steps=3, eval_items=4,
+           eval_samples=2, eval_batch_size=4, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for this module: on a CPU shared with other jobs, two spinning threads per step make the
+    runs several times slower (results are the same up to float rounding)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread) -> Path:
+    return train_sft(tmp_path_factory.mktemp("sft") / "run", **RUN)
+
+
+def fixed_batch(processor):
+    """Items 0-7 of the test split, encoded as in training."""
+    return SFTCollator(processor)(list(TileSumItems(TileSumTask(), 8, split="test")))
+
+
+def batch_loss(model, batch) -> float:
+    with torch.no_grad():
+        return model.eval()(**batch).loss.item()
+
+
+# -- the collator ------------------------------------------------------------------------------------------------
+
+
+def test_collator_labels_only_the_answer_and_im_end(tiny_processor):
+    """Train items 0 (5 tiles) and 1 (4 tiles). Prompt = 47 tokens for both: `<|im_start|>user\\n` (3) + `<img>`,
+    16 image tokens, `</img>` (18) + `\\n{question}<|im_end|>\\n<|im_start|>assistant\\n` (26). Answers =
+    solution + `<|im_end|>`: 77 and 60 tokens, so the batch is 47 + 77 = 124 wide and row 1 has 17 pad tokens."""
+    items = [TileSumItems(TileSumTask(), 2)[i] for i in range(2)]
+    batch = SFTCollator(tiny_processor)(items)
+    assert batch["input_ids"].shape == (2, 124)
+    assert batch["pixel_values"].shape == (2, 3, 112, 112)  # one 112 px tile per image
+    assert batch["attention_mask"].sum(1).tolist() == [124, 107]
+    tok = tiny_processor.tokenizer
+    for row, (item, n_answer) in enumerate(zip(items, (77, 60))):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        assert (labels[:47] == IGNORE_INDEX).all() and (labels[47 + n_answer:] == IGNORE_INDEX).all()
+        assert labels[47:47 + n_answer].tolist() == ids[47:47 + n_answer].tolist()
+        assert tok.decode(labels[47:47 + n_answer]) == item["solution"] + IM_END
+        assert labels[47 + n_answer - 1].item() == tiny_processor.im_end_id
+        assert tok.decode(ids[:47]).endswith("top to bottom.<|im_end|>\n<|im_start|>assistant\n")
+        assert (ids == tiny_processor.image_token_id).sum().item() == 16
+    assert (batch["input_ids"][1, 107:] == tok.pad_token_id).all()
+
+
+# -- training, saving, resuming ----------------------------------------------------------------------------------
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(trained, tiny_processor):
+    """Cross-entropy on the answer tokens of 8 test items: the random model starts near ln(640) = 6.46 and six AdamW
+    steps (lr 2e-3, cosine) bring it down. The seed fixes the weights and the data order, so the values are exact
+    up to float rounding."""
+    batch = fixed_batch(tiny_processor)
+    before = batch_loss(build_internvl(tiny_processor, TinySizes(), seed=0), batch)
+    after = batch_loss(InternVLForConditionalGeneration.from_pretrained(trained), batch)
+    assert before == pytest.approx(6.3856, abs=2e-3)
+    assert after == pytest.approx(4.4620, abs=2e-3)
+
+
+def test_saved_model_loads_and_reproduces_the_greedy_responses(trained):
+    processor = InternVLChatProcessor.from_pretrained(trained)
+    model = InternVLForConditionalGeneration.from_pretrained(trained)
+    items = TileSumTask().items("test", 4)
+    acc, responses = greedy_accuracy(model, processor, items, batch_size=4)
+    stored = [json.loads(line) for line in (trained.parent / RESPONSES_FILE).read_text().splitlines()]
+    assert [r["id"] for r in stored] == [it.id for it in items]
+    assert [r["response"] for r in stored] == responses
+    done = json.loads((trained.parent / DONE_FILE).read_text())
+    assert done["model"] == FINAL_DIR and done["metrics"]["steps"] == 6
+    assert done["metrics"]["greedy_accuracy"] == acc == 0.0  # six steps do not teach the task
+    assert set(done["metrics"]) >= {"pass@2", "majority@2", "s_per_step", "cpu_s_per_step", "train_loss"}
+    assert json.loads((trained / "mmalign_tiny.json").read_text()) == vars(TinySizes())
+
+
+def test_greedy_batched_equals_one_at_a_time(trained):
+    """Prompts of different lengths (extra words on some questions) so that the batch is really left-padded."""
+    processor = InternVLChatProcessor.from_pretrained(trained)
+    model = InternVLForConditionalGeneration.from_pretrained(trained)
+    items = TileSumTask().items("test", 5)
+    items = [replace(it, question=it.question + " Show your work." * (i % 3)) for i, it in enumerate(items)]
+    _, batched = greedy_accuracy(model, processor, items, batch_size=5, max_new_tokens=24)
+    alone = [greedy_accuracy(model, processor, [it], batch_size=1, max_new_tokens=24)[1][0] for it in items]
+    assert batched == alone
+    assert len(set(batched)) > 1  # not one constant string
+
+
+class _Interrupt(TrainerCallback):
+    """Stops the run (as a killed process would) right after the checkpoint of step 3 is written."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+
+def test_resumed_run_equals_uninterrupted_run_and_rerun_is_skipped(trained, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(out, **RUN, callbacks=[_Interrupt()])
+    assert (out / "checkpoint-3").is_dir() and not (out / DONE_FILE).exists()
+    final = train_sft(out, **RUN)  # resumes from checkpoint-3
+    done = json.loads((out / DONE_FILE).read_text())
+    assert done["metrics"]["timed_steps"] == 3  # only steps 4-6 ran in the second call
+    resumed, uninterrupted = load_file(final / "model.safetensors"), load_file(trained / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+    stamp = (final / "model.safetensors").stat().st_mtime_ns
+    assert train_sft(out, **RUN) == final  # finished: nothing runs
+    assert (final / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match=r"holds a demo SFT run with other settings \(steps: 6 there, 7 now, "
+                       r"num_train_items: 48 there, 56 now\); choose another output_dir or delete that one$"):
+        train_sft(out, **(RUN | {"steps": 7}))
+    assert json.loads((out / CONFIG_FILE).read_text())["steps"] == 6
+
+
+def test_bad_settings_are_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"^demo SFT: invalid steps=0, learning_rate=-1\.0 "):
+        train_sft(tmp_path, steps=0, batch_size=8, learning_rate=-1.0)
+
+
+# -- the recipe --------------------------------------------------------------------------------------------------
+
+
+def test_recipe_and_quick_variant():
+    args = parse(["--config", str(RECIPE)])
+    kwargs = args.train_kwargs()
+    assert isinstance(args, SFTArguments) and kwargs["task"] == TileSumTask(min_tiles=4, max_tiles=5)
+    assert kwargs["sizes"] == TinySizes() and kwargs["eval_samples"] == 8
+    quick = parse(["--config", str(RECIPE), "--quick", "--output_dir", "elsewhere"])
+    assert quick.output_dir == "elsewhere"
+    assert {k: quick.train_kwargs()[k] for k in QUICK} == QUICK
+    assert QUICK["steps"] * QUICK["batch_size"] <= 100  # under a minute on 2 CPU cores
+
+
+# -- the accuracy helpers ----------------------------------------------------------------------------------------
+
+
+def test_majority_vote_and_first_errors():
+    # answers 7, 9, 9, none, 7: 7 and 9 both twice -> the tie goes to 7, seen first
+    responses = ["\\boxed{7}", "\\boxed{9}", "Answer: \\boxed{9}", "no idea", "\\boxed{7}"]
+    assert majority_correct(responses, [True, False, False, False, True]) is True
+    assert majority_correct(responses[1:3], [True, True]) is True
+    assert majority_correct(["no idea", "none"], [False, False]) is False
+
+    item = TileSumTask().item("test", 0)  # values [a, b, ...]: build responses from its gold solution
+    steps = item.solution.split("\n\n")
+    wrong_read = steps[0].replace(str(item.values[0]), str(item.values[0] % 9 + 1), 1)
+    wrong_sum = steps[1][: steps[1].rindex("=")] + "= 99."
+    cases = {
+        FirstError.NONE: item.solution,
+        FirstError.READING: "\n\n".join([wrong_read, *steps[1:]]),
+        FirstError.SUM: "\n\n".join([steps[0], wrong_sum, *steps[2:]]),
+        FirstError.ANSWER: "\n\n".join([*steps[:-1], "Answer: \\boxed{1}"]),
+        FirstError.INCOMPLETE: "\n\n".join(steps[:-1]),
+    }
+    assert {kind: first_error(item, text) for kind, text in cases.items()} == {k: k for k in cases}
+    assert first_errors([item] * 3, [cases[FirstError.SUM]] * 2 + [item.solution]) == {
+        "none": 1, "reading": 0, "sum": 2, "answer": 0, "incomplete": 0}
