@@ -72,7 +72,7 @@ class DemoArguments:
     test_questions: int = field(default=300, metadata={"help": "Held-out questions."})
     bon_samples: int = field(default=16, metadata={"help": "Responses per test question for Best-of-k."})
     bon_policy: str = field(default="mpo", metadata={"help": "Policy sampled for Best-of-k: mpo | sft."})
-    heldout_label_questions: int = field(default=60, metadata={
+    heldout_label_questions: int = field(default=40, metadata={
         "help": "Test questions whose responses get Monte Carlo labels (PRM step F1)."})
     aggregation: str = field(default="mean", metadata={"help": "Solution score: mean | min | product | last."})
     step_threshold: float = field(default=0.5, metadata={"help": "A step is predicted '+' iff P(+) > this."})

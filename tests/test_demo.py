@@ -58,7 +58,7 @@ def test_rerun_skips_finished_stages(quick_run, caplog):
 
 def test_other_settings_in_the_same_folder_are_refused(quick_run):
     with pytest.raises(UserError, match="other settings"):
-        demo.main(["--quick", "--output_dir", str(quick_run), "--test_questions", "5"])
+        demo.main(["--quick", "--output_dir", str(quick_run), "--aggregation", "min"])
 
 
 @pytest.mark.parametrize("flag, value, message", [
