@@ -198,3 +198,31 @@ def test_majority_vote_and_first_errors():
     assert {kind: first_error(item, text) for kind, text in cases.items()} == {k: k for k in cases}
     assert first_errors([item] * 3, [cases[FirstError.SUM]] * 2 + [item.solution]) == {
         "none": 1, "reading": 0, "sum": 2, "answer": 0, "incomplete": 0}
+
+
+@pytest.mark.parametrize("reported, stopped_at, steps, checked", [(0.5, 2, 2, [2]), (0.3, None, 6, [2, 4])])
+def test_stop_at_accuracy(tmp_path, monkeypatch, reported, stopped_at, steps, checked):
+    """Training stops at the first check whose validation greedy accuracy reaches the threshold (0.4 here); the
+    checks run every 2 steps from step 2 on (not at the last step), on validation items of the train split."""
+    import data_gen.evaluate as evaluate
+
+    seen = []
+
+    def fake_greedy(model, processor, items, **kwargs):
+        seen.append([it.id for it in items])
+        return reported, ["" for _ in items]
+
+    monkeypatch.setattr(evaluate, "greedy_accuracy", fake_greedy)
+    run = {**RUN, "eval_items": 0}
+    final = train_sft(tmp_path / "run", **run, stop_at_accuracy=0.4, stop_check_every=2, stop_check_after=2,
+                      stop_check_items=3)
+    metrics = json.loads((tmp_path / "run" / DONE_FILE).read_text())["metrics"]
+    assert metrics["steps"] == steps and metrics["stopped_at_step"] == stopped_at
+    assert [step for step, _ in metrics["validation_history"]] == checked
+    assert seen[0] == ["tilesum-train-2000000", "tilesum-train-2000001", "tilesum-train-2000002"]
+    assert (final / "model.safetensors").is_file()
+
+
+def test_stop_at_accuracy_must_be_a_fraction(tmp_path):
+    with pytest.raises(UserError, match="stop_at_accuracy"):
+        train_sft(tmp_path / "run", **{**RUN, "eval_items": 0}, stop_at_accuracy=1.5)
