@@ -1,13 +1,13 @@
 """Cost of Monte Carlo step labels: faithful (all continuations) vs adaptive (until the label is certain), and the
 hf backend batched vs one request at a time.
 
-    python benchmarks/label_steps.py [--work_dir runs/bench_label_steps] [--policy CKPT] [--sft_steps 600]
+    python benchmarks/label_steps.py [--work_dir runs/bench_label_steps] [--policy CKPT] [--sft_steps 1000]
                                      [--questions 8] [--solutions 2] [--continuations 16] [--first_round 2]
 
 A random-weight policy is wrong on nearly every continuation, which makes every step `-` and adaptive look no better
 than faithful. So the policy is the tiny InternVL (`rlhf.tiny`, ~1.8M parameters) fine-tuned on the tile-sum task's
-gold solutions first (`data_gen.sft.train_sft`: `--sft_steps` AdamW steps of `--sft_batch` items, lr 2e-3 constant
-after a 5% warm-up; 600 x 32 takes ~8 CPU-minutes once and is cached in `--work_dir`, so later runs skip it; or give
+gold solutions first (`data_gen.sft.train_sft`: `--sft_steps` AdamW steps of `--sft_batch` items, lr 2e-3,
+`--sft_scheduler` after a 5% warm-up; 1000 x 32 takes ~12 CPU-minutes once and is cached in `--work_dir`, so later runs skip it; or give
 a trained checkpoint with `--policy`). Its solutions and continuations are then right about half of the time.
 
 1. rollout job: `--solutions` policy solutions for each of `--questions` test items (temperature 1.0, the plain
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", default="runs/bench_label_steps")
     parser.add_argument("--policy", default=None, help="an InternVL checkpoint folder to use instead of training one")
-    parser.add_argument("--sft_steps", type=int, default=600)
+    parser.add_argument("--sft_steps", type=int, default=1000)
+    parser.add_argument("--sft_scheduler", default="cosine", help="transformers scheduler of that SFT run")
     parser.add_argument("--sft_batch", type=int, default=32)
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--solutions", type=int, default=2, help="policy solutions per question")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     policy = Path(args.policy) if args.policy else train_sft(
         work / f"sft{args.sft_steps}x{args.sft_batch}", steps=args.sft_steps, batch_size=args.sft_batch,
-        learning_rate=2e-3, lr_scheduler_type="constant_with_warmup", eval_items=0, save_steps=200,
+        learning_rate=2e-3, lr_scheduler_type=args.sft_scheduler, eval_items=0, save_steps=200,
         logging_steps=100, progress=False)
     sft_s = time.perf_counter() - start
     for name in ("rollouts", "faithful", "adaptive", "faithful_es", "adaptive_es"):  # made afresh on every run
