@@ -67,7 +67,7 @@ class DemoArguments:
     quick: bool = field(default=False, metadata={"help": "CI-sized run: fewer items and steps, same stages."})
     recipes: str = field(default=str(RECIPES), metadata={"help": "Folder of the stage recipes."})
     train_questions: int = field(default=512, metadata={"help": "Training questions rolled out for pairs."})
-    label_questions: int = field(default=160, metadata={"help": "Training questions whose SFT solutions get Monte "
+    label_questions: int = field(default=500, metadata={"help": "Training questions whose SFT solutions get Monte "
                                                                 "Carlo step labels (the PRM's training set)."})
     test_questions: int = field(default=300, metadata={"help": "Held-out questions."})
     bon_samples: int = field(default=16, metadata={"help": "Responses per test question for Best-of-k."})

@@ -88,6 +88,10 @@ class VisualPRMConfig(TrainingArguments):
     max_steps_per_solution: int | None = field(default=None, metadata={
         "help": "Merge the steps of longer solutions evenly, k = ceil(n / max) consecutive steps per merged step "
                 "(the rule of reward.formats.split_steps; VisualPRM used 12, 16 for the InternVL3 data)."})
+    judgement_context: str = field(default="label", metadata={
+        "help": "What earlier judgement tokens hold in a training row: 'label' (published: the true labels, teacher "
+                "forcing) or 'plus' (ours: every earlier judgement written as '+', exactly what PRMScorer feeds at "
+                "inference; stops the PRM from copying the previous label, a shortcut scoring cannot use)."})
     calibration_bins: int = field(default=10, metadata={"help": "Equal-width bins of the expected calibration error."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Rows are pre-tokenized; keep every column."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on when CUDA is there)."})
@@ -102,6 +106,9 @@ class VisualPRMConfig(TrainingArguments):
             if value not in {e.value for e in enum}:
                 raise PRMConfigError(f"VisualPRMConfig.{name} must be one of {_choices(enum)}, got {value!r}")
             setattr(self, name, enum(value).value)
+        if self.judgement_context not in ("label", "plus"):
+            raise PRMConfigError(f"VisualPRMConfig.judgement_context must be 'label' or 'plus', got "
+                                 f"{self.judgement_context!r}")
         t = self.label_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 <= t < 1.0:
             raise PRMConfigError(f"VisualPRMConfig.label_threshold must be a number in [0, 1), got {t!r}")
@@ -239,9 +246,10 @@ def add_judgement_head(model) -> None:
 
 def encode_row(processing_class, question: str, steps: list[str], labels: list[bool] | list[float],
                image_paths: list[str], max_patches: int, threshold: float = 0.0, source: str = "",
-               system: str | None = PRM_SYSTEM_PROMPT) -> dict[str, Any]:
-    """One training row: the conversation ids (`+` iff label > threshold), judgement positions, scores (1/0 for
-    hard labels, the Monte Carlo score for soft ones) and what the collator needs to load pixels."""
+               system: str | None = PRM_SYSTEM_PROMPT, plus_context: bool = False) -> dict[str, Any]:
+    """One training row: the conversation ids (`+` iff label > threshold; every judgement `+` with `plus_context`),
+    judgement positions, scores (1/0 for hard labels, the Monte Carlo score for soft ones) and what the collator needs
+    to load pixels."""
     tiles = []
     if image_paths:
         if not isinstance(processing_class, InternVLChatProcessor):
@@ -251,7 +259,10 @@ def encode_row(processing_class, question: str, steps: list[str], labels: list[b
             with Image.open(path) as img:  # the header only
                 tiles.append(processing_class.image_processor.num_tiles(*img.size, max_patches))
     enc = encode_prm(processing_class, question, steps, labels, num_tiles=tiles, system=system, threshold=threshold)
-    return {"input_ids": enc.input_ids, "judgement_positions": enc.judgement_positions, "scores": enc.labels,
+    ids = enc.input_ids
+    if plus_context:
+        ids = encode_prm(processing_class, question, steps, None, num_tiles=tiles, system=system).input_ids
+    return {"input_ids": ids, "judgement_positions": enc.judgement_positions, "scores": enc.labels,
             "image_paths": list(image_paths), "max_patches": max_patches if image_paths else 0, "source": source}
 
 
@@ -325,7 +336,11 @@ class VisualPRMTrainer(Trainer):
             losses = soft_token_losses(out.judgement_logits, out.end_logits, inputs["judgement_scores"], end_targets,
                                        self.plus_id, self.minus_id)
         else:
-            losses = hard_token_losses(out.judgement_logits, out.end_logits, ids[rows, positions], end_targets)
+            # the label, not the token in the row: with judgement_context 'plus' the row holds '+' everywhere
+            plus = torch.full_like(positions, self.plus_id)
+            targets = torch.where(inputs["judgement_scores"].to(positions.device) > self.args.label_threshold, plus,
+                                  torch.full_like(positions, self.minus_id))
+            losses = hard_token_losses(out.judgement_logits, out.end_logits, targets, end_targets)
         return losses.mean(), plus_probability(out.judgement_logits.detach(), self.plus_id, self.minus_id)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -453,3 +453,41 @@ def test_cli_reports_bad_data_in_one_message(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mmalign prm: 2 problems in the PRM data:\n")
     assert f"{bad}:1: field 'labels[0]'" in err and f"{bad}:2: expected exactly one of the keys" in err
+
+
+def test_plus_context_rows_hold_plus_and_train_on_the_labels(tmp_path, tiny_internvl, tiny_processor):
+    """judgement_context 'plus': every judgement token in the row is '+' (what PRMScorer feeds), positions and scores
+    are the labelled row's, and the hard loss still targets the labels: equal to the full-logits reference with the
+    label tokens as targets on the '+' row."""
+    labelled = image_rows(tmp_path, tiny_processor, soft=False)
+    plus_id, minus_id = tiny_processor.tokenizer.convert_tokens_to_ids(["+", "-"])
+    plus_rows = [dict(r, input_ids=list(r["input_ids"])) for r in labelled]
+    for r in plus_rows:
+        for q in r["judgement_positions"]:
+            r["input_ids"][q] = plus_id
+    question, steps = "<image>\nAdd the numbers.", ["3 + 7 = 10.", "10 + 5 = 15.", "Answer: \\boxed{16}"]
+    built = encode_row(tiny_processor, question, steps, [True, True, False], [labelled[0]["image_paths"][0]], 1,
+                       system=None, plus_context=True)
+    assert built["input_ids"] == plus_rows[0]["input_ids"] != labelled[0]["input_ids"]
+    assert built["judgement_positions"] == labelled[0]["judgement_positions"]
+    assert built["scores"] == labelled[0]["scores"] == [1.0, 1.0, 0.0]
+
+    batch = PRMCollator(tiny_processor)(plus_rows)
+    reference_model = copy.deepcopy(tiny_internvl)
+    trainer = VisualPRMTrainer(tiny_internvl, args=config(tmp_path, judgement_context="plus"),
+                               processing_class=tiny_processor)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+    with torch.no_grad():
+        logits = reference_model(**kwargs).logits.float()
+    r, p, ids = batch["judgement_rows"], batch["judgement_positions"], batch["input_ids"]
+    targets = torch.where(batch["judgement_scores"] > 0, plus_id, minus_id)
+    expected = torch.cat([F.cross_entropy(logits[r, p - 1], targets, reduction="none"),
+                          F.cross_entropy(logits[r, p], ids[r, p + 1], reduction="none")]).mean()
+    assert (ids[r, p] == plus_id).all() and (targets == minus_id).any()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_judgement_context_is_checked(tmp_path):
+    with pytest.raises(PRMConfigError, match="judgement_context"):
+        config(tmp_path, judgement_context="labels")
