@@ -190,7 +190,7 @@ class Demo:
             "--model_name_or_path", str(sft_final), "--data", str(self.dir("label_steps") / "visualprm.jsonl"),
             "--eval_data", str(self.dir("heldout_labels") / "visualprm.jsonl"), "--output_dir",
             str(self.dir("prm"))])
-        stages.append(("evaluate", asdict(a) | {"out": None}, self.evaluate))
+        stages.append(("evaluate", asdict(a), self.evaluate))
 
         start = time.perf_counter()
         for i, (name, settings, fn) in enumerate(stages, 1):

@@ -27,8 +27,9 @@ MAX_STEPS = 12  # as the PRM recipe's max_steps_per_solution
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from .rollout import json_lines
+
+    return [obj for _, _, obj in json_lines(path)]
 
 
 def _image(record: dict, default_root: Path) -> Image.Image:
@@ -60,6 +61,7 @@ def evaluate(demo: "Demo", folder: Path) -> None:
     from rlhf.models import load_model_and_processor
 
     from .demo import TEST_START
+    from .rollout import pass_counts
     from .task import TileSumTask, step_truth
 
     a = demo.args
@@ -137,17 +139,10 @@ def evaluate(demo: "Demo", folder: Path) -> None:
         path = demo.dir(name) / file
         if path.is_file():
             metrics[f"{name}_summary"] = json.loads(path.read_text())
-    metrics["train_pass_rate"] = _pass_rate(demo.dir("rollout") / "rollouts.jsonl")
+    correct, total, _ = pass_counts(demo.dir("rollout") / "rollouts.jsonl")
+    metrics["train_pass_rate"] = round(correct / total, 4) if total else None
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("Best-of-%d: PRM %.3f, majority %.3f, random %.3f, pass %.3f; PRM step F1 %.3f (MC), %.3f (exact)",
                 k8, metrics[f"bon_prm_acc@{k8}"], metrics[f"majority_acc@{k8}"], metrics[f"random_acc@{k8}"],
                 metrics[f"pass@{k8}"], metrics["prm_step_f1"], metrics["prm_step_f1_exact"])
 
-
-def _pass_rate(path: Path) -> float | None:
-    correct = total = 0
-    for r in _read_jsonl(path):
-        samples = [x for x in r["responses"] if not x.get("reference")]
-        correct += sum(bool(x["correct"]) for x in samples)
-        total += len(samples)
-    return round(correct / total, 4) if total else None

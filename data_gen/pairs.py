@@ -46,7 +46,7 @@ from rlhf.processing import IMAGE_PLACEHOLDER
 
 from .backends.base import BackendUnavailable, GenerationRequest, RolloutBackend
 from .prompts import build_prompt
-from .rollout import (ROLLOUTS_NAME, BackendArguments, JobArguments, SamplingArguments, check_settings, parse_args,
+from .rollout import (ROLLOUTS_NAME, json_lines, BackendArguments, JobArguments, SamplingArguments, check_settings, parse_args,
                       resolve_image)
 from .workers import Failure, JobInputError, item_seed
 
@@ -389,26 +389,20 @@ def read_rollouts(path: str | Path) -> list[dict]:
         raise JobInputError(f"{path}: rollouts file not found (merge a sharded rollout job by rerunning it with "
                             "num_shards 1)")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise JobInputError(f"{where}: malformed JSON: {err.msg}") from None
-            for key, ok, expected in (
-                ("id", isinstance(record.get("id"), (str, int)), "a string or integer"),
-                ("question", isinstance(record.get("question"), str), "a string"),
-                ("prompt_template", isinstance(record.get("prompt_template"), str), "a string"),
-                ("responses", isinstance(record.get("responses"), list) and all(
-                    isinstance(r, dict) and isinstance(r.get("text"), str) for r in record["responses"]),
-                 "a list of {text, answer, correct, ...} objects"),
-            ):
-                if not ok:
-                    raise JobInputError(f"{where}: {key}: expected {expected} (a record of the rollout job)")
-            records.append(record)
+    for where, _, record in json_lines(path):
+        if not isinstance(record, dict):
+            raise JobInputError(f"{where}: expected a JSON object (a record of the rollout job)")
+        for key, ok, expected in (
+            ("id", isinstance(record.get("id"), (str, int)), "a string or integer"),
+            ("question", isinstance(record.get("question"), str), "a string"),
+            ("prompt_template", isinstance(record.get("prompt_template"), str), "a string"),
+            ("responses", isinstance(record.get("responses"), list) and all(
+                isinstance(r, dict) and isinstance(r.get("text"), str) for r in record["responses"]),
+             "a list of {text, answer, correct, ...} objects"),
+        ):
+            if not ok:
+                raise JobInputError(f"{where}: {key}: expected {expected} (a record of the rollout job)")
+        records.append(record)
     return records
 
 

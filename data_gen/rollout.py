@@ -32,7 +32,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rlhf.errors import UserError
 
@@ -178,6 +178,19 @@ def _is_meta(path: Path) -> bool:
     return isinstance(data, dict) and all(isinstance(v, dict) and "annotation" in v for v in data.values())
 
 
+def json_lines(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """(`file:line`, line number, value) for every non-blank line; malformed JSON is a one-line JobInputError."""
+    with path.open(encoding="utf-8") as f:
+        for line_no, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                yield where, line_no, json.loads(text)
+            except json.JSONDecodeError as err:
+                raise JobInputError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
+
+
 def read_questions(path: str | Path, image_root: str | Path | None = None) -> list[Question]:
     """Questions from a JSON-lines file or an MMPR meta.json; a bad line is a one-line JobInputError naming
     file:line and the field."""
@@ -188,20 +201,12 @@ def read_questions(path: str | Path, image_root: str | Path | None = None) -> li
         return _questions_from_mmpr(path)
     root = str(Path(image_root if image_root is not None else path.parent).resolve())
     questions, first_line = [], {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise JobInputError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
-            q = _question(obj, where, root)
-            if q.id in first_line:
-                raise JobInputError(f"{where}: id: duplicate {q.id!r} (first at line {first_line[q.id]})")
-            first_line[q.id] = line_no
-            questions.append(q)
+    for where, line_no, obj in json_lines(path):
+        q = _question(obj, where, root)
+        if q.id in first_line:
+            raise JobInputError(f"{where}: id: duplicate {q.id!r} (first at line {first_line[q.id]})")
+        first_line[q.id] = line_no
+        questions.append(q)
     return questions
 
 
@@ -408,20 +413,25 @@ def run(args: RolloutArguments, backend_args: BackendArguments, sampling: Sampli
             worker.backend.close()
 
 
+def pass_counts(path: str | Path) -> tuple[int, int, int]:
+    """(correct samples, samples, questions) over the questions with an answer of a rollouts file; reference
+    responses are not samples."""
+    correct = total = questions = 0
+    for _, _, record in json_lines(Path(path)):
+        if record.get("pass_rate") is not None:
+            questions += 1
+            samples = [r for r in record["responses"] if not r.get("reference")]
+            correct += sum(bool(r["correct"]) for r in samples)
+            total += len(samples)
+    return correct, total, questions
+
+
 def pass_rate_line(output_dir: str | Path) -> str:
     """`pass rate 0.125 over 32 questions with an answer (128 samples)` for the merged rollouts file."""
     path = Path(output_dir) / f"{ROLLOUTS_NAME}.jsonl"
     if not path.is_file():
         return "no merged rollouts yet (run with num_shards 1 to merge the shards)"
-    correct = total = questions = 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("pass_rate") is not None:
-                questions += 1
-                samples = [r for r in record["responses"] if not r.get("reference")]
-                correct += sum(bool(r["correct"]) for r in samples)
-                total += len(samples)
+    correct, total, questions = pass_counts(path)
     return f"pass rate {correct / max(1, total):.3f} over {questions} questions with an answer ({total} samples)"
 
 

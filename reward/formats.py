@@ -680,6 +680,21 @@ def _no_constants(name: str) -> Any:
     raise FormatError(None, f"standard JSON numbers, got {name}")
 
 
+def parse_jsonl_line(raw: bytes, line_no: int) -> Any:
+    """The JSON value of one raw line of a JSON-lines file (a BOM allowed on line 1), None for a blank line;
+    `FormatError` (without a location) for bad UTF-8, malformed JSON or NaN/Infinity constants."""
+    try:
+        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise FormatError(None, f"UTF-8 text (bad byte at column {err.start + 1})") from None
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line, parse_constant=_no_constants)
+    except json.JSONDecodeError as err:
+        raise FormatError(None, f"one JSON object per line ({err.msg} at column {err.colno})") from None
+
+
 def iter_jsonl(path: str | Path, kind: RecordKind | str) -> Iterator[Record]:
     """Records of one kind from a JSON-lines file; blank lines are skipped; any bad line raises `FormatError`
     located at `path:line`."""
@@ -691,16 +706,9 @@ def iter_jsonl(path: str | Path, kind: RecordKind | str) -> Iterator[Record]:
     with f:
         for line_no, raw in enumerate(f, start=1):
             try:
-                try:
-                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-                except UnicodeDecodeError as err:
-                    raise FormatError(None, f"UTF-8 text (bad byte at column {err.start + 1})") from None
-                if not line.strip():
+                obj = parse_jsonl_line(raw, line_no)
+                if obj is None:
                     continue
-                try:
-                    obj = json.loads(line, parse_constant=_no_constants)
-                except json.JSONDecodeError as err:
-                    raise FormatError(None, f"one JSON object per line ({err.msg} at column {err.colno})") from None
                 record = cls.from_json(obj)
             except FormatError as err:
                 raise err.at(path, line_no) from None

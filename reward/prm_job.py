@@ -28,6 +28,7 @@ from .formats import (
     RecordKind,
     StepwiseRecord,
     mc_to_stepwise,
+    parse_jsonl_line,
 )
 from .prm_trainer import OverflowAction, VisualPRMConfig
 
@@ -115,16 +116,9 @@ def read_prm_records(path: str | Path, data_format: DataFormat | str = DataForma
         raise PRMDataError([f"{path}: expected an existing JSON-lines file (not found or unreadable)"]) from None
     for line_no, raw in enumerate(raw_lines, start=1):
         try:
-            try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise FormatError(None, f"UTF-8 text (bad byte at column {err.start + 1})") from None
-            if not line.strip():
+            obj = parse_jsonl_line(raw, line_no)
+            if obj is None:
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise FormatError(None, f"one JSON object per line ({err.msg} at column {err.colno})") from None
             kind = detect_kind(obj, data_format)
             obj = {k: v for k, v in obj.items() if k != FORMAT_FIELD}
             records.append((line_no, TRAINABLE[kind][1].from_json(obj)))

@@ -249,3 +249,32 @@ def test_missing_image_fails_the_question_only(tmp_path, rollouts):
     failures = read_jsonl(tmp_path / "out" / "failures.jsonl")
     assert [f["id"] for f in failures] == ["B"] and "image not found" in failures[0]["reason"]
     assert summary["questions"] == 3 and summary["pairs"]["correctness"] == 4 + 1
+
+
+def test_rollouts_reader_names_file_and_line(tmp_path):
+    from data_gen.pairs import read_rollouts
+    from data_gen.workers import JobInputError
+
+    good = {"id": "q1", "question": "q", "prompt_template": "plain", "responses": [{"text": "a"}]}
+    for bad, message in (("{oops", "rollouts.jsonl:3: malformed JSON"),
+                         ("[1, 2]", "rollouts.jsonl:3: expected a JSON object"),
+                         (json.dumps({**good, "responses": [{"txt": "a"}]}), "rollouts.jsonl:3: responses: expected")):
+        path = tmp_path / "rollouts.jsonl"
+        path.write_text(json.dumps(good) + "\n\n" + bad + "\n")
+        with pytest.raises(JobInputError, match=message):
+            read_rollouts(tmp_path)
+    path.write_text(json.dumps(good) + "\n\n")
+    assert read_rollouts(path) == [good]
+
+
+def test_pass_counts_leave_out_references_and_unanswered_questions(tmp_path):
+    from data_gen.rollout import pass_counts, pass_rate_line
+
+    records = [
+        {"pass_rate": 0.5, "responses": [{"correct": True}, {"correct": False}, {"correct": True, "reference": True}]},
+        {"pass_rate": 1.0, "responses": [{"correct": True}]},
+        {"pass_rate": None, "responses": [{"correct": None}, {"correct": None}]},  # no ground truth
+    ]
+    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert pass_counts(tmp_path / "rollouts.jsonl") == (2, 3, 2)
+    assert pass_rate_line(tmp_path) == "pass rate 0.667 over 2 questions with an answer (3 samples)"
