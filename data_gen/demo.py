@@ -6,7 +6,8 @@ Stages (each one of the project's own jobs with a recipe of `recipes/demo/`, eac
     questions        tile-sum questions written as JSON lines + PNGs (train and held-out test splits)
     sft              supervised warm-up of a random-init tiny InternVL on gold chains of thought (data_gen.sft)
     rollout          K samples per training question from the SFT policy (`mmalign rollout`)
-    pairs            correctness + DropoutNTP pairs in MMPR format (`mmalign pairs`)
+    pairs            correctness + DropoutNTP pairs in MMPR format (`mmalign pairs`), each rejected response cut
+                     after its first step that differs from the chosen one (`truncate_rejected`, ours)
     mpo              MPO with the published objective on those pairs (`mmalign mpo`)
     test_rollout     N samples per test question from the Best-of-N policy (`mmalign rollout`)
     label_steps      Monte Carlo step labels of SFT solutions to training questions (`mmalign label-steps`)

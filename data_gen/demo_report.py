@@ -11,7 +11,7 @@ STAGE_HELP = {
     "questions": "tile-sum questions written (train and held-out test)",
     "sft": "supervised warm-up of the tiny InternVL on gold chains of thought",
     "rollout": "samples of the SFT policy on training questions",
-    "pairs": "correctness + DropoutNTP pairs (MMPR format)",
+    "pairs": "correctness + DropoutNTP pairs (MMPR format), rejected cut after its first divergent step",
     "mpo": "MPO training, published objective",
     "test_rollout": "samples of the Best-of-N policy on test questions",
     "label_subsets": "solutions chosen for Monte Carlo labelling",

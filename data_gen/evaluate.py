@@ -20,17 +20,17 @@ from reward.verify import extract_answer, is_correct
 from rlhf.errors import UserError
 
 from .prompts import PromptTemplate, build_prompt
-from .task import TaskItem, step_truth
+from .task import TaskItem, claim_kind, step_truth
 
-MAX_NEW_TOKENS = 128  # the longest gold solution of 5 tiles is 77 tokens with <|im_end|>
+MAX_NEW_TOKENS = 128  # the longest gold solution of 5 tiles is 97 tokens with <|im_end|>
 
 
 class FirstError(StrEnum):
-    """Where a response first goes wrong, by `data_gen.task.step_truth` (step 0 reads, steps 1.. add)."""
+    """Where a response first goes wrong, by `data_gen.task.step_truth`: the kind of its first wrong claim."""
 
     NONE = "none"  # every step right, the answer included
-    READING = "reading"  # the first step (the values read from the image) is wrong or unparseable
-    SUM = "sum"  # the reading is right, a partial sum is wrong
+    READING = "reading"  # a value read from the image is wrong, or a claim before any partial sum is unparseable
+    SUM = "sum"  # every reading is right, a partial sum is wrong (or a later claim unparseable)
     ANSWER = "answer"  # every partial sum is right, the answer step (or a step after it) is wrong
     INCOMPLETE = "incomplete"  # no step is wrong but the answer never comes
 
@@ -125,9 +125,13 @@ def first_error(item: TaskItem, response: str) -> FirstError:
         answered = bool(steps) and is_correct(steps[-1], item.answer)
         return FirstError.NONE if answered else FirstError.INCOMPLETE
     wrong = truth.index(False)
-    if wrong == 0:
-        return FirstError.READING
-    return FirstError.SUM if wrong < len(item.values) else FirstError.ANSWER
+    claims = [line for step in steps[:wrong] for line in step.splitlines() if line.strip()]
+    claims += [line for line in steps[wrong].splitlines() if line.strip()] or [""]
+    bad = step_truth(item.values, claims).index(False)  # one claim per step: the first wrong claim
+    kind = claim_kind(claims[bad])
+    if kind is None:  # unparseable: a reading if nothing but readings came before it
+        kind = "sum" if any(claim_kind(c) in ("sum", "answer") for c in claims[:bad]) else "reading"
+    return {"reading": FirstError.READING, "sum": FirstError.SUM, "answer": FirstError.ANSWER}[kind]
 
 
 def first_errors(items: Sequence[TaskItem], responses: Sequence[str]) -> dict[str, int]:

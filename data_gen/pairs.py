@@ -14,7 +14,8 @@ answer that is not correct) and unparseable (no answer: the format negatives). R
 Each of the first two sets keeps at most `max_pairs_per_question` pairs per question, a seeded choice
 (`item_seed(seed, id, set)`) when there are more, in (chosen, rejected) order. With `answer_fix` the chosen
 response's final answer (the last `\\boxed{}`, else the text after the last "Answer:") is rewritten to the
-ground truth string.
+ground truth string. With `truncate_rejected` (ours) every rejected response ends with its first step that differs
+from the chosen response (`truncate_at_divergence`).
 
 Output in `output_dir`, the MMPR format that `mmalign mpo` reads unchanged:
 
@@ -151,6 +152,32 @@ def dropout_prefix(text: str, ratio: float = 0.5) -> tuple[str, int, int]:
     return (text[:words[k - 1].end()] if k else ""), k, len(words)
 
 
+_STEP_BREAK = re.compile(r"\n[ \t]*\n\s*")
+
+
+def truncate_at_divergence(chosen: str, rejected: str) -> tuple[str, int, int]:
+    """(rejected cut after its first step that differs from the chosen step at the same index, steps kept, steps of
+    the rejected response). Steps are separated by blank lines and compared stripped; the cut keeps the rejected
+    text verbatim up to the end of that step. A rejected response whose steps all match the chosen ones (a prefix
+    of it) is kept whole.
+
+    Why (ours): in a pair where the rejected response misreads a value, every later step of it is arithmetic that
+    is right for the misread value; the preference term then pushes down correct arithmetic. On the demo's policy
+    (51% greedy) MPO on whole pairs lowered greedy accuracy and on cut pairs raised it (numbers in
+    recipes/demo/pairs.yaml)."""
+    chosen_steps = [s.strip() for s in _STEP_BREAK.split(chosen.strip())]
+    pieces, start = [], 0
+    for m in _STEP_BREAK.finditer(rejected):
+        pieces.append((start, m.start()))
+        start = m.end()
+    pieces.append((start, len(rejected)))
+    pieces = [(a, b) for a, b in pieces if rejected[a:b].strip()]
+    for k, (a, b) in enumerate(pieces):
+        if k >= len(chosen_steps) or rejected[a:b].strip() != chosen_steps[k]:
+            return rejected[:b], k + 1, len(pieces)
+    return rejected, len(pieces), len(pieces)
+
+
 def strip_images(question: str) -> str:
     """The question without its `<image>` placeholders (and the newline after each)."""
     return re.sub(re.escape(IMAGE_PLACEHOLDER) + r"\n?", "", question).strip()
@@ -183,6 +210,9 @@ class PairsArguments:
         "help": f"Questions that get DropoutNTP pairs: {', '.join(DropoutSelection)}."})
     dropout_ratio: float = field(default=0.5, metadata={"help": "Fraction of the chosen words kept as prefix."})
     dropout_pairs_per_question: int = field(default=1, metadata={"help": "DropoutNTP pairs per question."})
+    truncate_rejected: bool = field(default=False, metadata={
+        "help": "Ours, not in MMPR: cut every rejected response after its first step (blank-line separated) that "
+                "differs from the chosen response's step at the same index."})
 
     def __post_init__(self) -> None:
         if self.dropout_ntp not in set(DropoutSelection):
@@ -283,9 +313,18 @@ class PairsWorker:
     def pair(self, responses: list[dict], c: int, r: int, gt: str | None) -> dict:
         chosen, fixed = self.chosen_text(responses[c], gt)
         meta = ("answer", "correct", "score", "matcher")
-        return {"chosen": chosen, "rejected": responses[r]["text"],
+        rejected, cut = self.rejected_text(chosen, responses[r]["text"])
+        return {"chosen": chosen, "rejected": rejected,
                 "chosen_meta": {"response": c, **{k: responses[c].get(k) for k in meta}, "answer_fixed": fixed},
-                "rejected_meta": {"response": r, **{k: responses[r].get(k) for k in meta}}}
+                "rejected_meta": {"response": r, **{k: responses[r].get(k) for k in meta}, **cut}}
+
+    def rejected_text(self, chosen: str, rejected: str) -> tuple[str, dict[str, int]]:
+        """The rejected text, cut at its first divergent step with `truncate_rejected` (then also the steps kept
+        and the steps it had, for the pair's rejected_meta)."""
+        if not self.args.truncate_rejected:
+            return rejected, {}
+        cut, kept, total = truncate_at_divergence(chosen, rejected)
+        return cut, {"steps_kept": kept, "steps": total}
 
     def dropout_requests(self, record: dict, group: dict) -> list[tuple]:
         """(group, chosen index, chosen text, prefix, words kept, request) for each DropoutNTP pair to make."""
@@ -305,12 +344,13 @@ class PairsWorker:
             out.append((group, c, text, prefix, kept, request))
         return out
 
-    @staticmethod
-    def add_dropout_pair(group: dict, c: int, chosen: str, prefix: str, kept: int, continuation: str,
+    def add_dropout_pair(self, group: dict, c: int, chosen: str, prefix: str, kept: int, continuation: str,
                          tokens: int | None) -> None:
         group["num_generated_tokens"] += tokens or 0
-        pair = {"chosen": chosen, "rejected": prefix + continuation, "chosen_meta": {"response": c},
-                "rejected_meta": {"prefix_words": kept, "prefix_chars": len(prefix), "continuation_tokens": tokens}}
+        rejected, cut = self.rejected_text(chosen, prefix + continuation)
+        pair = {"chosen": chosen, "rejected": rejected, "chosen_meta": {"response": c},
+                "rejected_meta": {"prefix_words": kept, "prefix_chars": len(prefix), "continuation_tokens": tokens,
+                                  **cut}}
         if PairsWorker.distinct(group, pair):  # the same ending without the image makes no pair
             group[PairSet.DROPOUT_NTP].append(pair)
 

@@ -15,7 +15,7 @@ the three levels, [0, 55], [73, 183] and [200, 255], never overlap, so a jittere
 (channel by channel) to its key colour; a neutral grey background decodes to no key colour at all.
 
 Reading order is row-major over cells (left to right, top to bottom). The gold solution has one step per
-claim, steps separated by a blank line, and the answer as its own last step:
+claim, steps separated by a blank line, and the answer as its own last step (`reading="list"`, the default):
 
     The tiles show 3, 7, 5 and 9.
 
@@ -27,7 +27,13 @@ claim, steps separated by a blank line, and the answer as its own last step:
 
     Answer: \\boxed{24}
 
-`step_truth` judges any solution in that grammar exactly, with PRM semantics: a step is correct iff it and
+With `reading="per_tile"` the reading takes one step per tile ("Tile 1 shows 3.", "Tile 2 shows 7.", ...), which
+puts every misread at its own step, the granularity a process reward model judges at. Measured on the demo's tiny
+InternVL (1,000 cosine SFT steps, seed 0): a PRM learns per-tile steps (step macro-F1 0.76 against exact labels on
+the list policy's solutions rewritten per tile, where on the list steps it learned only the share of `+` steps),
+but the policy learns per-tile readings far slower (greedy 28% vs 98% with the list), so the demo keeps the list.
+
+`step_truth` judges any solution in either grammar exactly, with PRM semantics: a step is correct iff it and
 every step before it is correct ("correct up to this step"). Items are deterministic in (split, index, task
 settings): the seed is a SHA-256 of the split and index, and "train" and "test" never share a seed.
 """
@@ -40,6 +46,7 @@ import re
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -58,12 +65,14 @@ COLOR_KEY: dict[int, tuple[int, int, int]] = {
     9: (0, 128, 128),  # teal
 }
 SPLITS = ("train", "test")
+READING_STYLES = ("per_tile", "list")
 QUESTION = "<image>\nAdd the numbers shown by the coloured tiles, left to right, top to bottom."
 BACKGROUND_LEVELS = (40, 200)  # dark and light neutral grey, each jittered by up to +-BACKGROUND_JITTER
 BACKGROUND_JITTER = 10
 _SEED_NAMESPACE = "mmalign/data_gen/task/tile-sum"
 
 _READING = re.compile(r"the tiles? shows?\s+(\d+(?:\s*(?:,\s*and|,|and)\s*\d+)*)\s*\.?", re.IGNORECASE)
+_TILE_READING = re.compile(r"tile\s+(\d+)\s+shows?\s+(\d+)\s*\.?", re.IGNORECASE)
 _PARTIAL_SUM = re.compile(r"(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)\s*\.?")
 _ANSWER = re.compile(r"(?:(?:final\s+)?answer\s*:\s*)?\\boxed\{\s*(\d+)\s*\}\s*\.?", re.IGNORECASE)
 
@@ -96,11 +105,17 @@ def format_values(values: list[int]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def gold_solution(values: list[int]) -> str:
-    """The reference chain of thought: reading step, one partial sum per step, then 'Answer: \\boxed{sum}'."""
+def gold_solution(values: list[int], reading: str = "list") -> str:
+    """The reference chain of thought: the reading (one step per tile, or one step listing every value with
+    `reading="list"`), one partial sum per step, then 'Answer: \\boxed{sum}'."""
     _check_values(values)
-    verb = "tile shows" if len(values) == 1 else "tiles show"
-    steps = [f"The {verb} {format_values(values)}."]
+    if reading == "list":
+        verb = "tile shows" if len(values) == 1 else "tiles show"
+        steps = [f"The {verb} {format_values(values)}."]
+    elif reading == "per_tile":
+        steps = [f"Tile {k} shows {v}." for k, v in enumerate(values, 1)]
+    else:
+        raise ValueError(f"gold_solution: reading must be one of {', '.join(READING_STYLES)}, got {reading!r}")
     total = values[0]
     for v in values[1:]:
         steps.append(f"{total} + {v} = {total + v}.")
@@ -109,12 +124,30 @@ def gold_solution(values: list[int]) -> str:
     return "\n\n".join(steps)
 
 
+ClaimKind = Literal["reading", "sum", "answer"]
+
+
+def claim_kind(claim: str) -> ClaimKind | None:
+    """What one claim (a line of a step) states: "reading" (a list of values or one tile's value), "sum" (a partial
+    sum), "answer", or None when it parses as none of them."""
+    claim = claim.strip()
+    if _READING.fullmatch(claim) or _TILE_READING.fullmatch(claim):
+        return "reading"
+    if _PARTIAL_SUM.fullmatch(claim):
+        return "sum"
+    if _ANSWER.fullmatch(claim):
+        return "answer"
+    return None
+
+
 def step_truth(item_values: list[int], steps: list[str]) -> list[bool]:
     """Judge each step of a solution (already split on blank lines) knowing the true values.
 
     Each non-blank line of a step is one claim and must be one of:
-    - reading, only as the very first claim: "The tiles show a, b, c and d." -- correct iff the listed numbers
-      equal the values in reading order;
+    - a reading of every value, only as the very first claim: "The tiles show a, b, c and d." -- correct iff the
+      listed numbers equal the values in reading order;
+    - a reading of one tile, before any partial sum or answer: "Tile k shows v." -- correct iff k tiles have now
+      been read in order (k = 1, 2, ...; never more than there are) and v is the k-th value;
     - the j-th partial sum (j = 0, 1, ...): "a + b = c." -- correct iff a = values[0] + ... + values[j],
       b = values[j + 1] and c = a + b;
     - the answer: "Answer: \\boxed{n}" -- correct iff n is the true sum; nothing may follow it.
@@ -124,7 +157,7 @@ def step_truth(item_values: list[int], steps: list[str]) -> list[bool]:
     """
     _check_values(item_values)
     prefix = list(accumulate(item_values, initial=0))  # prefix[k] = sum of the first k values
-    n_claims, n_sums, answered, ok, out = 0, 0, False, True, []
+    n_claims, n_read, n_sums, answered, ok, out = 0, 0, 0, False, True, []
     for i, step in enumerate(steps):
         if not isinstance(step, str):
             raise ValueError(f"step_truth: step {i} is {type(step).__name__}, expected str")
@@ -137,6 +170,11 @@ def step_truth(item_values: list[int], steps: list[str]) -> list[bool]:
                 ok = False
             elif m := _READING.fullmatch(claim):
                 ok = n_claims == 0 and [int(x) for x in re.findall(r"\d+", m.group(1))] == list(item_values)
+                n_read = len(item_values)
+            elif m := _TILE_READING.fullmatch(claim):
+                k, v = int(m.group(1)), int(m.group(2))
+                ok = (n_sums == 0 and k == n_read + 1 and n_read < len(item_values) and v == item_values[n_read])
+                n_read += 1
             elif m := _PARTIAL_SUM.fullmatch(claim):
                 a, b, c = (int(x) for x in m.groups())
                 j = n_sums
@@ -179,6 +217,7 @@ class TileSumTask:
     min_tile_px: int = 12
     max_tile_px: int = 28
     max_offset_px: int = 3  # max shift of a tile from its cell's centre, per axis (always kept inside the cell)
+    reading: str = "list"  # gold reading steps: one listing every value ("list") or one per tile ("per_tile")
 
     def __post_init__(self) -> None:
         cell = self.image_size // self.grid if self.grid > 0 else 0
@@ -192,6 +231,8 @@ class TileSumTask:
             (not 0 <= self.jitter <= 255, f"jitter must be in [0, 255], got {self.jitter}"),
             (not 0 <= self.noise, f"noise must be >= 0, got {self.noise}"),
             (self.max_offset_px < 0, f"max_offset_px must be >= 0, got {self.max_offset_px}"),
+            (self.reading not in READING_STYLES, f"reading must be one of {', '.join(READING_STYLES)}, got "
+             f"{self.reading!r}"),
         ]
         messages = [message for bad, message in problems if bad]
         if messages:
@@ -217,7 +258,7 @@ class TileSumTask:
             question=QUESTION,
             answer=str(sum(values)),
             values=values,
-            solution=gold_solution(values),
+            solution=gold_solution(values, self.reading),
             tiles=tiles,
         )
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from data_gen.backends import GenerationRequest, GenerationResult, RolloutBackend, SamplingParams
 from data_gen.pairs import (DropoutSampling, PairsArguments, cap, dropout_prefix, fix_answer, group_responses, run,
-                            strip_images)
+                            strip_images, truncate_at_divergence)
 from data_gen.prompts import build_prompt
 from data_gen.rollout import BackendArguments, JobArguments
 from data_gen.workers import item_seed
@@ -111,6 +111,44 @@ def test_dropout_prefix_keeps_the_first_half_of_the_words():
     assert dropout_prefix("one two three four", 0.75) == ("one two three", 3, 4)
     assert dropout_prefix("alone") == ("", 0, 1)
     assert strip_images("<image>\n<image>\nCompare them.") == "Compare them."
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "expected"),
+    [
+        # Misread at the second step: the rejected response ends there (the arithmetic after it is dropped).
+        ("Tile 1 shows 3.\n\nTile 2 shows 7.\n\n3 + 7 = 10.\n\nAnswer: \\boxed{10}",
+         "Tile 1 shows 3.\n\nTile 2 shows 6.\n\n3 + 6 = 9.\n\nAnswer: \\boxed{9}",
+         ("Tile 1 shows 3.\n\nTile 2 shows 6.", 2, 4)),
+        # Differs at the first step: one step kept.
+        ("A.\n\nB.", "X.\n\nB.", ("X.", 1, 2)),
+        # Extra steps after all the chosen ones: cut after the first extra one.
+        ("A.\n\nB.", "A.\n\nB.\n\nZ.\n\nW.", ("A.\n\nB.\n\nZ.", 3, 4)),
+        # Steps are compared stripped; the rejected text is kept verbatim up to the cut (whitespace runs included).
+        ("A.\n\nB.", "A. \n \n\nB.\n\nZ.", ("A. \n \n\nB.\n\nZ.", 3, 3)),
+        # A rejected response that is a step prefix of the chosen one (or equal to it) is kept whole.
+        ("A.\n\nB.\n\nC.", "A.\n\nB.", ("A.\n\nB.", 2, 2)),
+        # A single line break is not a step break.
+        ("A.\nB.\n\nC.", "A.\nX.\n\nC.", ("A.\nX.", 1, 2)),
+    ],
+)
+def test_truncate_at_divergence(chosen, rejected, expected):
+    assert truncate_at_divergence(chosen, rejected) == expected
+
+
+def test_pairs_job_truncates_rejected_responses(tmp_path, rollouts):
+    out = tmp_path / "pairs"
+    summary = pairs_job(rollouts, out, Continuations(), truncate_rejected=True)
+    assert summary["pairs"] == {"correctness": 20, "format_negative": 3, "dropout_ntp": 1}  # the same pairs
+    first = read_jsonl(out / "correctness.jsonl")[0]
+    assert (first["chosen"], first["rejected"]) == (A_TEXTS[0], "3 + 20 = 30.")
+    assert first["rejected_meta"]["steps_kept"] == 1 and first["rejected_meta"]["steps"] == 2
+    (ntp,) = read_jsonl(out / "dropout_ntp.jsonl")  # "The tiles" is step 1 of both: cut after step 2
+    assert (ntp["chosen"], ntp["rejected"]) == ("The tiles\n\nshow 3, 7 and 9.", "The tiles\n\nshow 4, 7 and 9.")
+    assert ntp["rejected_meta"] == {"prefix_words": 3, "prefix_chars": 15, "continuation_tokens": 5,
+                                    "steps_kept": 2, "steps": 2}
+    fmt = read_jsonl(out / "format_negative.jsonl")[0]  # a one-step rejected response stays whole
+    assert fmt["rejected"] == "I cannot tell."
 
 
 def test_answer_fix():

@@ -196,6 +196,23 @@ def test_majority_vote_and_first_errors():
         FirstError.INCOMPLETE: "\n\n".join(steps[:-1]),
     }
     assert {kind: first_error(item, text) for kind, text in cases.items()} == {k: k for k in cases}
+    assert first_error(item, "\n\n".join(["I see tiles.", *steps[1:]])) == FirstError.READING
+
+    # One reading step per tile (`reading="per_tile"`): a misread at tile 3 is a reading error at step 3, an
+    # unparseable step after a partial sum a sum error; in a two-claim step the wrong claim decides.
+    tiles = TileSumTask(reading="per_tile").item("test", 0)
+    steps = tiles.solution.split("\n\n")
+    n = len(tiles.values)  # n readings, n - 1 partial sums, the answer
+    wrong_read = f"Tile 3 shows {tiles.values[2] % 9 + 1}."
+    wrong_sum = steps[n][: steps[n].rindex("=")] + "= 99."
+    assert first_error(tiles, tiles.solution) == FirstError.NONE
+    assert first_error(tiles, "\n\n".join([*steps[:2], wrong_read, *steps[3:]])) == FirstError.READING
+    assert first_error(tiles, "\n\n".join([*steps[:n], wrong_sum, *steps[n + 1:]])) == FirstError.SUM
+    assert first_error(tiles, "\n\n".join([*steps[:-1], "Answer: \\boxed{1}"])) == FirstError.ANSWER
+    assert first_error(tiles, "\n\n".join([steps[0], "I see tiles."])) == FirstError.READING
+    assert first_error(tiles, "\n\n".join([*steps[: n + 1], "So far so good."])) == FirstError.SUM
+    assert first_error(tiles, "\n\n".join([*steps[:2], wrong_read + "\n" + steps[n]])) == FirstError.READING
+    assert first_error(tiles, "\n\n".join([*steps[:n - 1], steps[n - 1] + "\n" + wrong_sum])) == FirstError.SUM
     assert first_errors([item] * 3, [cases[FirstError.SUM]] * 2 + [item.solution]) == {
         "none": 1, "reading": 0, "sum": 2, "answer": 0, "incomplete": 0}
 

@@ -21,6 +21,7 @@ from data_gen.task import (
     COLOR_KEY,
     QUESTION,
     TileSumTask,
+    claim_kind,
     first_error_index,
     format_values,
     gold_solution,
@@ -74,10 +75,25 @@ def test_items_do_not_depend_on_python_hash_seed():
 def test_gold_solution_worked_example():
     assert format_values(VALUES) == "3, 7, 5 and 9"
     assert format_values([4, 2]) == "4 and 2" and format_values([8]) == "8"
-    assert gold_solution(VALUES) == (
+    assert gold_solution(VALUES, "per_tile") == (
+        "Tile 1 shows 3.\n\nTile 2 shows 7.\n\nTile 3 shows 5.\n\nTile 4 shows 9.\n\n"
+        "3 + 7 = 10.\n\n10 + 5 = 15.\n\n15 + 9 = 24.\n\nAnswer: \\boxed{24}")
+    assert gold_solution(VALUES) == gold_solution(VALUES, "list") == (
         "The tiles show 3, 7, 5 and 9.\n\n3 + 7 = 10.\n\n10 + 5 = 15.\n\n15 + 9 = 24.\n\nAnswer: \\boxed{24}")
     assert gold_solution([8]) == "The tile shows 8.\n\nAnswer: \\boxed{8}"
-    assert step_truth([8], gold_solution([8]).split("\n\n")) == [True, True]
+    assert gold_solution([8], "per_tile") == "Tile 1 shows 8.\n\nAnswer: \\boxed{8}"
+    for reading in ("per_tile", "list"):
+        assert step_truth([8], gold_solution([8], reading).split("\n\n")) == [True, True]
+        assert step_truth(VALUES, gold_solution(VALUES, reading).split("\n\n")) == [True] * len(
+            gold_solution(VALUES, reading).split("\n\n"))
+    with pytest.raises(ValueError, match="reading must be one of per_tile, list"):
+        gold_solution(VALUES, "words")
+    with pytest.raises(UserError, match="reading must be one of"):
+        TileSumTask(reading="words")
+    # The list style is a task setting: same values and image, the solution written the other way.
+    a, b = TASK.item("train", 3), TileSumTask(reading="per_tile").item("train", 3)
+    assert a.values == b.values and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert b.solution == gold_solution(a.values, "per_tile") and a.solution != b.solution
 
 
 def test_gold_items_are_all_correct_and_consistent():
@@ -88,6 +104,13 @@ def test_gold_items_are_all_correct_and_consistent():
         assert 4 <= len(it.values) <= 5 and all(1 <= v <= 9 for v in it.values)
         assert it.answer == str(sum(it.values)) == last_boxed(it.solution)
         assert len(steps) == len(it.values) + 1  # reading, len - 1 partial sums, answer
+        assert [claim_kind(st) for st in steps] == ["reading"] + ["sum"] * (len(it.values) - 1) + ["answer"]
+        per_tile = TileSumTask(reading="per_tile").item(split, index)
+        tile_steps = per_tile.solution.split("\n\n")
+        assert len(tile_steps) == 2 * len(it.values)  # one reading per tile, len - 1 partial sums, answer
+        assert [claim_kind(st) for st in tile_steps] == (["reading"] * len(it.values) + ["sum"] * (len(it.values) - 1)
+                                                         + ["answer"])
+        assert step_truth(it.values, tile_steps) == [True] * len(tile_steps)
         assert step_truth(it.values, steps) == [True] * len(steps)
         assert first_error_index(it.values, steps) is None
         # Reading order is row-major over cells, and the values are the painted tiles' values.
@@ -96,6 +119,46 @@ def test_gold_items_are_all_correct_and_consistent():
 
 
 # ---------------------------------------------------------------- step truth, worked examples
+
+
+def test_per_tile_misread_is_wrong_at_its_own_step():
+    # Reads tile 3 (a 5) as 6: tiles 1-2 right, everything from tile 3 on wrong, the sums included even though
+    # they are right for the values as read.
+    steps = ["Tile 1 shows 3.", "Tile 2 shows 7.", "Tile 3 shows 6.", "Tile 4 shows 9.", "3 + 7 = 10.",
+             "10 + 6 = 16.", "16 + 9 = 25.", "Answer: \\boxed{25}"]
+    assert step_truth(VALUES, steps) == [True, True] + [False] * 6
+    assert first_error_index(VALUES, steps) == 2
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        # A tile skipped (numbered 3 after 1), one repeated, numbering from 0: wrong at that step.
+        (["Tile 1 shows 3.", "Tile 3 shows 5."], [True, False]),
+        (["Tile 1 shows 3.", "Tile 1 shows 3."], [True, False]),
+        (["Tile 0 shows 3."], [False]),
+        # A fifth tile where there are four.
+        (["Tile 1 shows 3.", "Tile 2 shows 7.", "Tile 3 shows 5.", "Tile 4 shows 9.", "Tile 5 shows 1."],
+         [True] * 4 + [False]),
+        # Readings after a partial sum, or after a reading of every value, are out of place.
+        (["Tile 1 shows 3.", "Tile 2 shows 7.", "3 + 7 = 10.", "Tile 3 shows 5."], [True, True, True, False]),
+        (["The tiles show 3, 7, 5 and 9.", "Tile 1 shows 3."], [True, False]),
+        (["Tile 1 shows 3.", "The tiles show 3, 7, 5 and 9."], [True, False]),
+        # Two readings on one step (two claims), case and spacing, singular verb.
+        (["Tile 1 shows 3.\nTile 2 shows 7.", "tile 3  show 5", "Tile 4 shows 9.", "3 + 7 = 10."], [True] * 4),
+        # Stopping early and answering: the answer is judged against the true sum only.
+        (["Tile 1 shows 3.", "Answer: \\boxed{24}"], [True, True]),
+        (["Tile 1 shows 3.", "Answer: \\boxed{3}"], [True, False]),
+    ],
+)
+def test_per_tile_step_truth_cases(steps, expected):
+    assert step_truth(VALUES, steps) == expected
+
+
+def test_claim_kinds():
+    assert [claim_kind(c) for c in ("Tile 2 shows 7.", "The tiles show 3 and 7.", " 3 + 7 = 10. ",
+                                    "Answer: \\boxed{10}", "So the sum is 10.", "")] == [
+        "reading", "reading", "sum", "answer", None, None]
 
 
 def test_misread_at_step_one_makes_every_step_wrong():
