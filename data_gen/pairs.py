@@ -351,7 +351,7 @@ class PairsWorker:
         pair = {"chosen": chosen, "rejected": rejected, "chosen_meta": {"response": c},
                 "rejected_meta": {"prefix_words": kept, "prefix_chars": len(prefix), "continuation_tokens": tokens,
                                   **cut}}
-        if PairsWorker.distinct(group, pair):  # the same ending without the image makes no pair
+        if self.distinct(group, pair):  # the same ending without the image makes no pair
             group[PairSet.DROPOUT_NTP].append(pair)
 
 
