@@ -42,6 +42,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from reward.formats import STEP_BREAK, split_steps
 from rlhf.errors import UserError
 from rlhf.processing import IMAGE_PLACEHOLDER
 
@@ -152,9 +153,6 @@ def dropout_prefix(text: str, ratio: float = 0.5) -> tuple[str, int, int]:
     return (text[:words[k - 1].end()] if k else ""), k, len(words)
 
 
-_STEP_BREAK = re.compile(r"\n[ \t]*\n\s*")
-
-
 def truncate_at_divergence(chosen: str, rejected: str) -> tuple[str, int, int]:
     """(rejected cut after its first step that differs from the chosen step at the same index, steps kept, steps of
     the rejected response). Steps are separated by blank lines and compared stripped; the cut keeps the rejected
@@ -165,9 +163,9 @@ def truncate_at_divergence(chosen: str, rejected: str) -> tuple[str, int, int]:
     is right for the misread value; the preference term then pushes down correct arithmetic. On the demo's policy
     (51% greedy) MPO on whole pairs lowered greedy accuracy and on cut pairs raised it (numbers in
     recipes/demo/pairs.yaml)."""
-    chosen_steps = [s.strip() for s in _STEP_BREAK.split(chosen.strip())]
+    chosen_steps = split_steps(chosen)
     pieces, start = [], 0
-    for m in _STEP_BREAK.finditer(rejected):
+    for m in STEP_BREAK.finditer(rejected):  # the step breaks of split_steps
         pieces.append((start, m.start()))
         start = m.end()
     pieces.append((start, len(rejected)))

@@ -65,7 +65,7 @@ COLOR_KEY: dict[int, tuple[int, int, int]] = {
     9: (0, 128, 128),  # teal
 }
 SPLITS = ("train", "test")
-READING_STYLES = ("per_tile", "list")
+READING_STYLES = ("list", "per_tile")
 QUESTION = "<image>\nAdd the numbers shown by the coloured tiles, left to right, top to bottom."
 BACKGROUND_LEVELS = (40, 200)  # dark and light neutral grey, each jittered by up to +-BACKGROUND_JITTER
 BACKGROUND_JITTER = 10

@@ -258,7 +258,7 @@ def _required(obj: dict[str, Any], key: str) -> Any:
 
 # -- steps and labels ------------------------------------------------------------------------------------------------
 
-_BLANK_LINES = re.compile(r"\n[^\S\n]*(?:\n[^\S\n]*)+")
+STEP_BREAK = re.compile(r"\n[^\S\n]*(?:\n[^\S\n]*)+")
 
 
 def split_steps(text: str, max_steps: int | None = None) -> list[str]:
@@ -273,7 +273,7 @@ def split_steps(text: str, max_steps: int | None = None) -> list[str]:
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise ValueError(f"split_steps: max_steps must be a positive integer or None, got {max_steps!r}")
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    steps = [piece.strip() for piece in _BLANK_LINES.split(text)]
+    steps = [piece.strip() for piece in STEP_BREAK.split(text)]
     steps = [s for s in steps if s]
     if max_steps is None or len(steps) <= max_steps:
         return steps

@@ -86,7 +86,7 @@ def test_gold_solution_worked_example():
         assert step_truth([8], gold_solution([8], reading).split("\n\n")) == [True, True]
         assert step_truth(VALUES, gold_solution(VALUES, reading).split("\n\n")) == [True] * len(
             gold_solution(VALUES, reading).split("\n\n"))
-    with pytest.raises(ValueError, match="reading must be one of per_tile, list"):
+    with pytest.raises(ValueError, match="reading must be one of list, per_tile"):
         gold_solution(VALUES, "words")
     with pytest.raises(UserError, match="reading must be one of"):
         TileSumTask(reading="words")
