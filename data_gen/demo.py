@@ -12,7 +12,7 @@ Stages (each one of the project's own jobs with a recipe of `recipes/demo/`, eac
     test_rollout     N samples per test question from the Best-of-N policy (`mmalign rollout`)
     label_steps      Monte Carlo step labels of SFT solutions to training questions (`mmalign label-steps`)
     heldout_labels   Monte Carlo step labels of test responses (`mmalign label-steps`), the PRM's held-out set
-    prm              VisualPRM training, initialised from the SFT policy (`mmalign prm`)
+    prm              VisualPRM training, initialised from the `prm_init` policy (the recipe: MPO) (`mmalign prm`)
     evaluate         greedy accuracy of SFT and MPO; Best-of-k with the PRM vs majority, pass@k and random;
                      PRM step macro-F1 against the held-out Monte Carlo labels and the task's exact step labels
 
@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from reward.steps import compile_step_split
 from rlhf.errors import UserError
 
 logger = logging.getLogger("mmalign.demo")
@@ -73,10 +74,17 @@ class DemoArguments:
     test_questions: int = field(default=300, metadata={"help": "Held-out questions."})
     bon_samples: int = field(default=16, metadata={"help": "Responses per test question for Best-of-k."})
     bon_policy: str = field(default="mpo", metadata={"help": "Policy sampled for Best-of-k: mpo | sft."})
+    prm_init: str = field(default="sft", metadata={"help": "Policy the VisualPRM is initialised from: sft | mpo."})
     heldout_label_questions: int = field(default=40, metadata={
         "help": "Test questions whose responses get Monte Carlo labels (PRM step F1)."})
+    step_split: str | None = field(default=None, metadata={
+        "help": "Ours: a pattern that also ends a step inside a blank-line step, in both label stages and in the PRM's "
+                "scoring (reward.steps); the recipe cuts the reading into one step per value."})
     aggregation: str = field(default="mean", metadata={"help": "Solution score: mean | min | product | last."})
-    step_threshold: float = field(default=0.5, metadata={"help": "A step is predicted '+' iff P(+) > this."})
+    step_threshold: float = field(default=0.5, metadata={"help": "A step is predicted '+' iff its score > this."})
+    step_scores: str = field(default="raw", metadata={
+        "help": "The step score judged against step labels: raw (the step's P(+)) or running_min (the lowest P(+) "
+                "up to that step: '+' only when every earlier step is, as a label means 'correct up to here')."})
     eval_batch_size: int = field(default=128, metadata={"help": "Sequences decoded together in evaluation."})
     seed: int = field(default=0, metadata={"help": "Seed of the evaluation samples."})
 
@@ -91,8 +99,12 @@ class DemoArguments:
         if self.label_questions > self.train_questions or self.heldout_label_questions > self.test_questions:
             raise UserError("demo: label_questions must be <= train_questions and heldout_label_questions <= "
                             "test_questions")
-        if self.bon_policy not in ("mpo", "sft"):
-            raise UserError(f"demo: bon_policy must be mpo or sft, got {self.bon_policy!r}")
+        for name in ("bon_policy", "prm_init"):
+            if getattr(self, name) not in ("mpo", "sft"):
+                raise UserError(f"demo: {name} must be mpo or sft, got {getattr(self, name)!r}")
+        if self.step_scores not in ("raw", "running_min"):
+            raise UserError(f"demo: step_scores must be raw or running_min, got {self.step_scores!r}")
+        compile_step_split(self.step_split)
         if not 0.0 <= self.step_threshold < 1.0:
             raise UserError(f"demo: step_threshold must be in [0, 1), got {self.step_threshold}")
 
@@ -181,14 +193,16 @@ class Demo:
             str(self.dir("test_rollout")), "--num_samples", str(a.bon_samples)], recipe="rollout")
         stages.append(("label_subsets", {"label": a.label_questions, "heldout": a.heldout_label_questions},
                        self.write_label_subsets))
+        split = ["--step_split", a.step_split] if a.step_split else []
         add_job("label_steps", label_steps.main, [
             "--solutions", str(self.dir("label_subsets") / "train_rollouts.jsonl"), "--model", str(sft_final),
-            "--output_dir", str(self.dir("label_steps"))])
+            "--output_dir", str(self.dir("label_steps")), *split])
         add_job("heldout_labels", label_steps.main, [
             "--solutions", str(self.dir("label_subsets") / "test_rollouts.jsonl"), "--model", str(bon_model),
-            "--output_dir", str(self.dir("heldout_labels"))], recipe="label_steps")
+            "--output_dir", str(self.dir("heldout_labels")), *split], recipe="label_steps")
         add_job("prm", prm_main, [
-            "--model_name_or_path", str(sft_final), "--data", str(self.dir("label_steps") / "visualprm.jsonl"),
+            "--model_name_or_path", str(mpo_final if a.prm_init == "mpo" else sft_final),
+            "--data", str(self.dir("label_steps") / "visualprm.jsonl"),
             "--eval_data", str(self.dir("heldout_labels") / "visualprm.jsonl"), "--output_dir",
             str(self.dir("prm"))])
         stages.append(("evaluate", asdict(a), self.evaluate))

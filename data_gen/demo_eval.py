@@ -4,7 +4,8 @@
   their answers first go wrong;
 - Best-of-k, k = 1..N, on the `test_rollout` samples: the PRM's pick (`reward.PRMScorer`, `aggregation`) against
   majority vote, pass@k and a random pick (`reward.bon`);
-- the PRM's step macro-F1 (P(+) > `step_threshold`) against the held-out Monte Carlo labels (`heldout_labels`) and
+- the PRM's step macro-F1 (step score > `step_threshold`, the score being P(+) or its running minimum as
+  `step_scores` says) against the held-out Monte Carlo labels (`heldout_labels`) and
   against the task's exact step labels (`data_gen.task.step_truth`) of every test response; and, for reference,
   how well the Monte Carlo labels themselves match the exact ones.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mmalign.demo")
 
 MAX_STEPS = 12  # as the PRM recipe's max_steps_per_solution
+
+
+def _step_scores(probs: list[float], how: str) -> list[float]:
+    """The scores judged against step labels: each P(+) (raw), or the lowest P(+) so far (running_min)."""
+    return list(accumulate(probs, min)) if how == "running_min" else list(probs)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -81,7 +88,8 @@ def evaluate(demo: "Demo", folder: Path) -> None:
     # 2. Best-of-k with the PRM
     prm, processor = load_model_and_processor(str(demo.dir("prm") / "final"))
     prm.eval()
-    scorer = PRMScorer(prm, processor, aggregation=a.aggregation, max_steps=MAX_STEPS, batch_size=16, max_patches=1)
+    scorer = PRMScorer(prm, processor, aggregation=a.aggregation, max_steps=MAX_STEPS, batch_size=16, max_patches=1,
+                       step_split=a.step_split)
     values = {r["id"]: r["values"] for r in _read_jsonl(demo.dir("questions") / "test.jsonl")}
     records = sorted(_read_jsonl(demo.dir("test_rollout") / "rollouts.jsonl"), key=lambda r: r["id"])
     questions, exact_labels, exact_probs, scored = [], [], [], []
@@ -94,7 +102,7 @@ def evaluate(demo: "Demo", folder: Path) -> None:
         for x, s in zip(responses, scores):
             truth = step_truth(values[r["id"]], scorer.steps_of(x["text"]))
             exact_labels += truth
-            exact_probs += s.step_scores
+            exact_probs += _step_scores(s.step_scores, a.step_scores)
         scored.append({"id": r["id"], "scores": [round(s.score, 5) for s in scores],
                        "correct": [bool(x["correct"]) for x in responses]})
     with (folder / "bon_scores.jsonl").open("w", encoding="utf-8") as f:
@@ -111,6 +119,7 @@ def evaluate(demo: "Demo", folder: Path) -> None:
 
     # 3. step judgements: exact labels of every test response, and the held-out Monte Carlo labels
     exact = step_f1(exact_labels, exact_probs, a.step_threshold)
+    metrics["step_scores"] = a.step_scores
     metrics["prm_step_f1_exact"] = round(exact["macro_f1"], 4)
     metrics["prm_step_exact_detail"] = exact
     mc_labels, mc_probs, mc_exact = [], [], []
@@ -120,7 +129,7 @@ def evaluate(demo: "Demo", folder: Path) -> None:
         if not steps:
             continue
         images = [_image({"image": p}, heldout) for p in record.images]
-        probs = scorer.score_many(record.question, images, [steps])[0].step_scores
+        probs = _step_scores(scorer.score_many(record.question, images, [steps])[0].step_scores, a.step_scores)
         mc_labels += [hard_label(s.score) for s in record.steps]
         mc_probs += probs
         rid = str(record.meta.get("question_id") or record.id).rsplit("#", 1)[0]

@@ -63,7 +63,8 @@ def write_report(path: Path, m: dict[str, Any], args: Any, skipped: list[str]) -
     lines += [f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}. "
               f"Test questions: {args.test_questions}; samples per test question: {args.bon_samples} "
               f"({args.bon_policy.upper()} policy); PRM aggregation: {args.aggregation}; step threshold "
-              f"{args.step_threshold}.", ""]
+              f"{args.step_threshold}; steps: blank-line pieces"
+              + (f", also cut at `{args.step_split}`" if args.step_split else "") + ".", ""]
     if quick:
         lines += ["**Quick run**: a few items and steps per stage, to check the wiring; its numbers mean nothing.",
                   ""]

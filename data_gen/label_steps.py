@@ -6,9 +6,11 @@ Input (`solutions`): JSON lines, either the rollout job's output (up to `solutio
     {"id", "image" | "images" (optional), "question", "answer", "responses": [{"text", "correct", ...}, ...]}
     {"id", "image" | "images" (optional), "question", "answer", "solution": "step 1\\n\\nstep 2 ..."}
 
-Each solution is split into steps (`reward.formats.split_steps`: blank lines, even merge above `max_steps`). For
+Each solution is split into steps (`reward.steps.segment_steps`: blank lines, even merge above `max_steps`). For
 step i the policy continues the answer `steps[0..i]` joined by blank lines plus one more blank line (the
-`assistant_prefix` of a request with the rollout's prompt), `num_continuations` times; a continuation is correct
+`assistant_prefix` of a request with the rollout's prompt), `num_continuations` times. With `step_split` (ours), a
+blank-line step is also cut at each match of that pattern, and a step ending at such a cut is continued from the
+solution text up to the cut (no blank line: the policy finishes the line itself); a continuation is correct
 when the answer extracted from prefix + continuation is judged correct (`reward.verify.judge`). The step's score
 is mc_i = correct / sampled and its label is `+` iff the score > `label_threshold` (published: 0).
 
@@ -54,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
+from reward.steps import compile_step_split
 from rlhf.processing import IMAGE_PLACEHOLDER
 
 from .backends.base import BackendUnavailable, GenerationRequest, RolloutBackend
@@ -120,6 +123,10 @@ class MCTask:
     system: str | None = None
     steps: list[str] = field(default_factory=list)
     answer: str = ""
+    prefixes: list[str] | None = None  # the text continued after each step (default: `step_prefix`)
+
+    def prefix(self, step: int) -> str:
+        return self.prefixes[step] if self.prefixes is not None else step_prefix(self.steps, step)
 
 
 @dataclass
@@ -215,7 +222,7 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
             for i in _wanted(cells[task.id], s):
                 cell = cells[task.id][i]
                 left = s.num_continuations - cell.sampled
-                prefix = step_prefix(task.steps, i)
+                prefix = task.prefix(i)
                 size = left if s.mode is LabelMode.FAITHFUL else min(left, max(s.first_round, cell.sampled))
                 for j in range(cell.sampled, cell.sampled + size):
                     requests.append(GenerationRequest(
@@ -340,6 +347,7 @@ class LabelSettings:
     mc: MCSettings
     max_steps: int
     backend: BackendArguments
+    step_split: str | None = None
 
 
 class LabelStepsWorker:
@@ -354,7 +362,7 @@ class LabelStepsWorker:
         return {"settings": self.settings, "backend": None}
 
     def __call__(self, items: list[SolutionItem]) -> list[dict | Failure]:
-        from reward.formats import split_steps
+        from reward.steps import segment_steps
 
         from rlhf.data import ImageLoadError
 
@@ -363,7 +371,7 @@ class LabelStepsWorker:
         outcomes: dict[str, dict | Failure] = {}
         tasks, asked = [], []
         for item in items:
-            steps = split_steps(item.text, self.settings.max_steps)
+            steps = segment_steps(item.text, self.settings.max_steps, self.settings.step_split)
             if not steps:
                 outcomes[item.id] = Failure(item.id, "the solution is empty (no steps to label)")
                 continue
@@ -373,7 +381,8 @@ class LabelStepsWorker:
                 outcomes[item.id] = Failure(item.id, str(err))
                 continue
             tasks.append(MCTask(item.id, build_prompt(item.question.question, item.prompt_template), images,
-                                item.system_prompt, steps, item.question.answer))
+                                item.system_prompt, [s.text for s in steps], item.question.answer,
+                                [s.prefix for s in steps]))
             asked.append(item)
         for item, task, result in zip(asked, tasks, monte_carlo(tasks, self.backend, self.settings.mc), strict=True):
             outcomes[item.id] = Failure(item.id, result) if isinstance(result, str) else self.record(item, task, result)
@@ -390,6 +399,8 @@ class LabelStepsWorker:
                 "num_continuations": mc.num_continuations, "label_threshold": mc.label_threshold,
                 "num_continuations_sampled": result.num_continuations,
                 "num_generated_tokens": result.num_generated_tokens}
+        if self.settings.step_split:
+            meta["step_split"] = self.settings.step_split
         question = with_placeholders(item.question.question, len(item.record_images))
         return MCRecord(question=question, steps=steps, images=list(item.record_images), id=item.id,
                         answer=item.question.answer, meta=meta).to_json()
@@ -464,6 +475,9 @@ class LabelStepsArguments:
     solutions_per_question: int = field(default=4, metadata={"help": "Responses labelled per question (published: "
                                                                      "4, sampled at temperature 1.0)."})
     max_steps: int = field(default=12, metadata={"help": "More steps are merged evenly (12; 16 for InternVL3)."})
+    step_split: str | None = field(default=None, metadata={
+        "help": "Ours: a regular expression that also ends a step at each match inside a blank-line step, e.g. "
+                "'(?<=,)(?= )|(?= and )' for one step per listed value (score with the same pattern)."})
     num_continuations: int = field(default=16, metadata={"help": "Continuations per step (published: 16)."})
     mode: str = field(default=LabelMode.FAITHFUL.value, metadata={"help": f"{', '.join(LabelMode)}: all "
                       "continuations per step (published), or rounds until the label is certain (ours)."})
@@ -485,6 +499,7 @@ class LabelStepsArguments:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.mode = _mode(self.mode).value
+        compile_step_split(self.step_split)
 
     def mc_settings(self, sampling: SamplingArguments) -> MCSettings:
         return MCSettings(self.num_continuations, LabelMode(self.mode), self.early_stop, self.first_round,
@@ -508,7 +523,7 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     items = [replace(item, record_images=_record_images(item, output_dir)) for item in items]
-    settings = LabelSettings(args.mc_settings(sampling), args.max_steps, backend_args)
+    settings = LabelSettings(args.mc_settings(sampling), args.max_steps, backend_args, args.step_split or None)
     where = ("solutions", "image_root", "solutions_per_question")  # which input, not how its records are made
     fingerprint = {k: v for k, v in asdict(args).items() if k not in where} | {"sampling": asdict(sampling)}
     fingerprint["backend"] = {"backend": backend_args.backend, **backend_args.kwargs()}

@@ -71,7 +71,10 @@ BACKGROUND_LEVELS = (40, 200)  # dark and light neutral grey, each jittered by u
 BACKGROUND_JITTER = 10
 _SEED_NAMESPACE = "mmalign/data_gen/task/tile-sum"
 
-_READING = re.compile(r"the tiles? shows?\s+(\d+(?:\s*(?:,\s*and|,|and)\s*\d+)*)\s*\.?", re.IGNORECASE)
+_VALUE_LIST = r"\d+(?:\s*(?:,\s*and|,|and)\s*\d+)*"
+_READING = re.compile(rf"the tiles? shows?\s+({_VALUE_LIST})\s*([.,]?)", re.IGNORECASE)
+_NOTHING = re.compile(r"(?!)")
+_READING_MORE = re.compile(rf"((?:and\s+)?{_VALUE_LIST})\s*([.,]?)", re.IGNORECASE)  # a reading's next values
 _TILE_READING = re.compile(r"tile\s+(\d+)\s+shows?\s+(\d+)\s*\.?", re.IGNORECASE)
 _PARTIAL_SUM = re.compile(r"(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)\s*\.?")
 _ANSWER = re.compile(r"(?:(?:final\s+)?answer\s*:\s*)?\\boxed\{\s*(\d+)\s*\}\s*\.?", re.IGNORECASE)
@@ -131,7 +134,7 @@ def claim_kind(claim: str) -> ClaimKind | None:
     """What one claim (a line of a step) states: "reading" (a list of values or one tile's value), "sum" (a partial
     sum), "answer", or None when it parses as none of them."""
     claim = claim.strip()
-    if _READING.fullmatch(claim) or _TILE_READING.fullmatch(claim):
+    if _READING.fullmatch(claim) or _READING_MORE.fullmatch(claim) or _TILE_READING.fullmatch(claim):
         return "reading"
     if _PARTIAL_SUM.fullmatch(claim):
         return "sum"
@@ -144,8 +147,10 @@ def step_truth(item_values: list[int], steps: list[str]) -> list[bool]:
     """Judge each step of a solution (already split on blank lines) knowing the true values.
 
     Each non-blank line of a step is one claim and must be one of:
-    - a reading of every value, only as the very first claim: "The tiles show a, b, c and d." -- correct iff the
-      listed numbers equal the values in reading order;
+    - a reading of values, only as the very first claim: "The tiles show a, b, c and d." -- correct iff the listed
+      numbers are the first values in reading order, and, when it ends the list ("and" or a final period), all of
+      them. A list that has not ended may go on in the next claims, as cut by a `step_split` pattern ("The tiles
+      show a," / "b," / "c" / "and d."), each judged the same way against the values that follow;
     - a reading of one tile, before any partial sum or answer: "Tile k shows v." -- correct iff k tiles have now
       been read in order (k = 1, 2, ...; never more than there are) and v is the k-th value;
     - the j-th partial sum (j = 0, 1, ...): "a + b = c." -- correct iff a = values[0] + ... + values[j],
@@ -158,6 +163,7 @@ def step_truth(item_values: list[int], steps: list[str]) -> list[bool]:
     _check_values(item_values)
     prefix = list(accumulate(item_values, initial=0))  # prefix[k] = sum of the first k values
     n_claims, n_read, n_sums, answered, ok, out = 0, 0, 0, False, True, []
+    listing = False  # a list of values is open (begun, not yet ended)
     for i, step in enumerate(steps):
         if not isinstance(step, str):
             raise ValueError(f"step_truth: step {i} is {type(step).__name__}, expected str")
@@ -168,9 +174,14 @@ def step_truth(item_values: list[int], steps: list[str]) -> list[bool]:
                 break
             if answered:  # a claim after the answer
                 ok = False
-            elif m := _READING.fullmatch(claim):
-                ok = n_claims == 0 and [int(x) for x in re.findall(r"\d+", m.group(1))] == list(item_values)
-                n_read = len(item_values)
+            elif m := (_READING if n_claims == 0 else _READING_MORE if listing else _NOTHING).fullmatch(claim):
+                read = [int(x) for x in re.findall(r"\d+", m.group(1))]
+                ok = read == list(item_values[n_read:n_read + len(read)]) and n_read + len(read) <= len(item_values)
+                n_read += len(read)
+                listing = not (m.group(2) == "." or re.search(r"\band\b", m.group(1), re.IGNORECASE))
+                ok = ok and (listing or n_read == len(item_values))
+                n_claims += 1
+                continue
             elif m := _TILE_READING.fullmatch(claim):
                 k, v = int(m.group(1)), int(m.group(2))
                 ok = (n_sums == 0 and k == n_read + 1 and n_read < len(item_values) and v == item_values[n_read])
@@ -185,6 +196,7 @@ def step_truth(item_values: list[int], steps: list[str]) -> list[bool]:
             else:
                 ok = False
             n_claims += 1
+            listing = False
         out.append(ok)
     return out
 

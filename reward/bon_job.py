@@ -29,6 +29,7 @@ from rlhf.errors import UserError
 
 from .formats import FormatError
 from .scorer import Aggregation, ScoringMethod
+from .steps import compile_step_split
 
 logger = logging.getLogger("mmalign.bon")
 REJECTS_FILE = "rejects.jsonl"
@@ -50,6 +51,9 @@ class ScorerArguments:
     method: str = field(default=ScoringMethod.SHARED_PREFIX.value, metadata={
         "help": f"How the PRM runs (same scores, different cost): {', '.join(ScoringMethod)}."})
     max_steps: int | None = field(default=None, metadata={"help": "Merge steps evenly beyond this many."})
+    step_split: str | None = field(default=None, metadata={
+        "help": "Ours: the pattern that also ended steps inside blank-line steps in the PRM's labels (label-steps "
+                "--step_split), so text solutions are split as the PRM learned them."})
     batch_size: int = field(default=8, metadata={"help": "Solutions per forward pass."})
     max_patches: int | None = field(default=None, metadata={"help": "Tile budget per question (default: the "
                                                                       "processor's)."})
@@ -67,6 +71,7 @@ class ScorerArguments:
                 raise UserError(f"{name} must be one of {', '.join(enum)}, got {getattr(self, name)!r}")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        compile_step_split(self.step_split)
 
 
 @dataclass
@@ -199,7 +204,8 @@ def load_scorer(args: ScorerArguments):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     return PRMScorer(model, processor, aggregation=args.aggregation, max_steps=args.max_steps,
-                     batch_size=args.batch_size, method=args.method, max_patches=args.max_patches)
+                     batch_size=args.batch_size, method=args.method, max_patches=args.max_patches,
+                     step_split=args.step_split)
 
 
 def parse(argv: list[str], cls=ScorerArguments, prog: str = "mmalign bon"):

@@ -37,6 +37,8 @@ from typing import Any, ClassVar
 from rlhf.errors import UserError
 from rlhf.processing import IM_END, IM_START
 
+from .steps import STEP_BREAK, STEP_SEPARATOR, join_steps, split_steps  # noqa: F401 (the formats' public names)
+
 # The system prompt the released VisualPRM checkpoint expects; an interface constant, reproduced verbatim.
 PRM_SYSTEM_PROMPT = """\
 You are an advanced AI assistant, designed to serve as a process supervision model. In this task, I will provide \
@@ -56,7 +58,6 @@ Please note:
 
 Your task is to verify the accuracy and correctness of each step in the given solution process."""
 
-STEP_SEPARATOR = "\n\n"
 QUESTION_HEADER = "### Question:\n"
 SOLUTION_HEADER = "\n\n### Solution Process:\n"
 MC_COUNT_KEYS = ("num_mc_correct", "num_mc_total")  # where mc_to_stepwise keeps the counts in StepwiseRecord.meta
@@ -257,34 +258,6 @@ def _required(obj: dict[str, Any], key: str) -> Any:
 
 
 # -- steps and labels ------------------------------------------------------------------------------------------------
-
-STEP_BREAK = re.compile(r"\n[^\S\n]*(?:\n[^\S\n]*)+")
-
-
-def split_steps(text: str, max_steps: int | None = None) -> list[str]:
-    """Split a solution into steps on blank lines (reference section 3).
-
-    Runs of blank lines (also whitespace-only lines and `\\r\\n` endings) count as one separator; each step is
-    stripped and empty pieces are dropped. With more than `max_steps` steps, `k = ceil(n / max_steps)` consecutive
-    steps are joined by `"\\n\\n"` into one: 13 steps with max_steps=12 give k=2 and 7 steps.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"split_steps: text must be a string, got {type(text).__name__}")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"split_steps: max_steps must be a positive integer or None, got {max_steps!r}")
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    steps = [piece.strip() for piece in STEP_BREAK.split(text)]
-    steps = [s for s in steps if s]
-    if max_steps is None or len(steps) <= max_steps:
-        return steps
-    k = math.ceil(len(steps) / max_steps)
-    return [join_steps(steps[i:i + k]) for i in range(0, len(steps), k)]
-
-
-def join_steps(steps: Sequence[str]) -> str:
-    """Steps back into solution text (the Monte Carlo prefix of steps 1..i is `join_steps(steps[:i])`)."""
-    return STEP_SEPARATOR.join(steps)
-
 
 def hard_label(score: float, threshold: float = 0.0) -> bool:
     """`+` iff score > threshold; the published labelling uses threshold 0 (any correct continuation)."""

@@ -35,7 +35,8 @@ from PIL import Image
 
 from rlhf.processing import InternVLChatProcessor
 
-from .formats import PRM_SYSTEM_PROMPT, split_steps
+from .formats import PRM_SYSTEM_PROMPT
+from .steps import compile_step_split, split_steps
 from .prm_data import encode_prefix, encode_steps, judgement_ids
 
 
@@ -101,7 +102,8 @@ class PRMScorer:
     """Step and solution scores of a VisualPRM-style generative PRM.
 
     `model` is an `InternVLForConditionalGeneration` (with an `InternVLChatProcessor`) or a text-only causal LM
-    (with its tokenizer); a PEFT wrapper is unwrapped. Text solutions are split with `split_steps(text, max_steps)`;
+    (with its tokenizer); a PEFT wrapper is unwrapped. Text solutions are split with
+    `split_steps(text, max_steps, step_split)` (`step_split`: the pattern the PRM's labels were split with, if any);
     a list of strings is taken as the steps. `max_patches` is the tile budget per question (split evenly over
     several images, at least one tile each; default: the processor's). `batch_size` is the number of solutions
     (bodies) per forward.
@@ -110,13 +112,14 @@ class PRMScorer:
     def __init__(self, model, processor, aggregation: Aggregation | str = Aggregation.MEAN,
                  max_steps: int | None = None, batch_size: int = 8,
                  method: ScoringMethod | str = ScoringMethod.SHARED_PREFIX, max_patches: int | None = None,
-                 system: str | None = PRM_SYSTEM_PROMPT):
+                 system: str | None = PRM_SYSTEM_PROMPT, step_split: str | None = None):
         self.aggregation = _choice(Aggregation, aggregation, "aggregation")
         self.method = _choice(ScoringMethod, method, "method")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.processor = model, processor
         self.max_steps, self.batch_size, self.max_patches, self.system = max_steps, batch_size, max_patches, system
+        self.step_split = compile_step_split(step_split)
         self.plus_id, self.minus_id = judgement_ids(processor)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.backbone, self.lm_head = base.model, base.get_output_embeddings()
@@ -128,7 +131,7 @@ class PRMScorer:
     # -- public API -----------------------------------------------------------------------------------------------
     def steps_of(self, solution: Solution) -> list[str]:
         if isinstance(solution, str):
-            return split_steps(solution, self.max_steps)
+            return split_steps(solution, self.max_steps, self.step_split)
         return list(solution)
 
     def aggregate(self, step_scores: Sequence[float]) -> float:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from data_gen import demo
+from reward.steps import split_steps
 from rlhf.errors import UserError
 
 KEYS = ("sft_greedy_acc", "mpo_greedy_acc", "bon_prm_acc@8", "majority_acc@8", "random_acc@8", "pass@8",
@@ -43,6 +44,16 @@ def test_quick_demo_writes_report_metrics_and_plots(quick_run):
     assert (quick_run / "mpo" / "final" / "model.safetensors").is_file()
     assert (quick_run / "prm" / "final" / "model.safetensors").is_file()
     assert (quick_run / "label_steps" / "visualprm.jsonl").read_text().strip()
+    # the recipe's step_split reached both label stages: each response is labelled in its steps
+    split = demo.parse([]).step_split
+    for stage in ("label_steps", "heldout_labels"):
+        quick = demo.QUICK_ARGS[stage]
+        max_steps = int(quick[quick.index("--max_steps") + 1])
+        records = [json.loads(line) for line in (quick_run / stage / "mc.jsonl").read_text().splitlines()]
+        assert records and all(r["step_split"] == split for r in records)
+        for r in records:
+            assert [s["step"] for s in r["steps_with_score"]] == split_steps(r["response"], max_steps, split)
+    assert metrics["step_scores"] == "running_min"
 
 
 def test_rerun_skips_finished_stages(quick_run, caplog):
@@ -58,12 +69,13 @@ def test_rerun_skips_finished_stages(quick_run, caplog):
 
 def test_other_settings_in_the_same_folder_are_refused(quick_run):
     with pytest.raises(UserError, match="other settings"):
-        demo.main(["--quick", "--output_dir", str(quick_run), "--aggregation", "min"])
+        demo.main(["--quick", "--output_dir", str(quick_run), "--aggregation", "mean"])
 
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--bon_policy", "best", "bon_policy"), ("--label_questions", "0", "counts must be >= 1"),
-    ("--step_threshold", "1.5", "step_threshold")])
+    ("--step_threshold", "1.5", "step_threshold"), ("--prm_init", "base", "prm_init"),
+    ("--step_scores", "max", "step_scores"), ("--step_split", "(", "step_split: not a regular expression")])
 def test_bad_settings_are_one_line_errors(tmp_path, flag, value, message):
     with pytest.raises(UserError, match=message):
         demo.parse(["--output_dir", str(tmp_path), flag, value])

@@ -18,6 +18,7 @@ from data_gen.label_steps import (LabelMode, LabelStepsArguments, MCSettings, MC
 from data_gen.prompts import build_prompt
 from data_gen.rollout import BackendArguments, JobArguments, SamplingArguments
 from data_gen.workers import FatalJobError, JobInputError
+from rlhf.errors import UserError
 from reward.formats import from_visualprm_conversation, hard_label, join_steps, read_jsonl, split_steps
 
 ANSWER, WRONG = "7", "8"
@@ -201,6 +202,26 @@ def test_job_outputs_parse_back_and_match(tmp_path):
     assert all(r.prompt == build_prompt(QUESTION, "plain") and len(r.images) == 1 for r in backend.requests)
     saved = json.loads((out / "label_summary.json").read_text())
     assert saved["steps"] == sum(len(r.steps) for r in mc) and saved["faithful_continuations"] == 16 * saved["steps"]
+
+
+def test_step_split_labels_each_cut_from_the_policys_own_text(tmp_path):
+    text = "The tiles show 3, 4.\n\n3 + 4 = 7.\n\nAnswer: \\boxed{7}"
+    rows = [{"id": "q0", "image": "img/a.png", "question": QUESTION, "answer": ANSWER, "prompt_template": "plain",
+             "responses": [{"text": text, "correct": True}]}]
+    path = write_input(tmp_path, rows)
+    # a continuation is correct iff its prefix does not end inside the first line: the cut step is `-`, the rest `+`
+    backend = FakeBackend(lambda seed, prefix: not prefix.endswith(","))
+    run(*job_args(path, tmp_path / "out", step_split="(?<=,)(?= )"), backend=backend)
+    [record] = read_jsonl(tmp_path / "out" / "mc.jsonl", "mc")
+    assert [s.step for s in record.steps] == ["The tiles show 3,", "4.", "3 + 4 = 7.", "Answer: \\boxed{7}"]
+    assert [s.score for s in record.steps] == [0.0, 1.0, 1.0, 1.0] and record.meta["step_split"] == "(?<=,)(?= )"
+    prefixes = {int(r.id.split("/step")[1].split("/")[0]): r.assistant_prefix for r in backend.requests}
+    assert prefixes == {0: "The tiles show 3,", 1: "The tiles show 3, 4.\n\n",
+                        2: "The tiles show 3, 4.\n\n3 + 4 = 7.\n\n", 3: text + "\n\n"}
+    with pytest.raises(JobInputError, match="other settings.*step_split"):  # not resumed with another split
+        run(*job_args(path, tmp_path / "out"), backend=FakeBackend(lambda seed, prefix: True))
+    with pytest.raises(UserError, match="step_split: not a regular expression"):
+        job_args(path, tmp_path / "bad", step_split="(")
 
 
 def test_resume_skips_finished_solutions(tmp_path):

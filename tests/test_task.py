@@ -214,6 +214,13 @@ def test_right_answer_by_luck_after_misread():
         (["The tiles show 3, 7, 5 and 9.", "So the sum is 24."], [True, False]),
         (["The tiles show 3, 7, 5 and 9.", "", "3 + 7 = 10."], [True, False, False]),
         (["3 + 7 = 10 + 0."], [False]),
+        # The list cut into one step per value (a `step_split` of the demo): each judged on the values so far.
+        (["The tiles show 3,", "7,", "5", "and 9.", "3 + 7 = 10."], [True] * 5),
+        (["The tiles show 3,", "7,", "6", "and 9.", "3 + 7 = 10."], [True, True, False, False, False]),
+        (["The tiles show 3,", "7", "and 5."], [True, True, False]),  # the list ends a value short
+        (["The tiles show 3,", "7,", "5,", "9", "and 9."], [True] * 4 + [False]),  # one value too many
+        (["The tiles show 3, 7, 5 and 9.", "9."], [True, False]),  # no more values once the list has ended
+        (["3,", "7,"], [False, False]),  # values without the opening words
         ([], []),
     ],
 )
