@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from reward.formats import PRM_SYSTEM_PROMPT
 from reward.steps import compile_step_split
 from rlhf.errors import UserError
 
@@ -75,6 +76,8 @@ class DemoArguments:
     bon_samples: int = field(default=16, metadata={"help": "Responses per test question for Best-of-k."})
     bon_policy: str = field(default="mpo", metadata={"help": "Policy sampled for Best-of-k: mpo | sft."})
     prm_init: str = field(default="sft", metadata={"help": "Policy the VisualPRM is initialised from: sft | mpo."})
+    prm_system_prompt: str = field(default=PRM_SYSTEM_PROMPT, metadata={
+        "help": "The VisualPRM's system turn in training and scoring (default: the published one); '' for none."})
     heldout_label_questions: int = field(default=40, metadata={
         "help": "Test questions whose responses get Monte Carlo labels (PRM step F1)."})
     step_split: str | None = field(default=None, metadata={
@@ -83,8 +86,9 @@ class DemoArguments:
     aggregation: str = field(default="mean", metadata={"help": "Solution score: mean | min | product | last."})
     step_threshold: float = field(default=0.5, metadata={"help": "A step is predicted '+' iff its score > this."})
     step_scores: str = field(default="raw", metadata={
-        "help": "The step score judged against step labels: raw (the step's P(+)) or running_min (the lowest P(+) "
-                "up to that step: '+' only when every earlier step is, as a label means 'correct up to here')."})
+        "help": "The step score judged against step labels: raw (the step's P(+)), running_min (the lowest P(+) up "
+                "to that step) or running_product (their product: with teacher forcing each P(+) assumes the steps "
+                "before it right, and a label means 'correct up to here')."})
     eval_batch_size: int = field(default=128, metadata={"help": "Sequences decoded together in evaluation."})
     seed: int = field(default=0, metadata={"help": "Seed of the evaluation samples."})
 
@@ -102,8 +106,8 @@ class DemoArguments:
         for name in ("bon_policy", "prm_init"):
             if getattr(self, name) not in ("mpo", "sft"):
                 raise UserError(f"demo: {name} must be mpo or sft, got {getattr(self, name)!r}")
-        if self.step_scores not in ("raw", "running_min"):
-            raise UserError(f"demo: step_scores must be raw or running_min, got {self.step_scores!r}")
+        if self.step_scores not in ("raw", "running_min", "running_product"):
+            raise UserError(f"demo: step_scores must be raw, running_min or running_product, got {self.step_scores!r}")
         compile_step_split(self.step_split)
         if not 0.0 <= self.step_threshold < 1.0:
             raise UserError(f"demo: step_threshold must be in [0, 1), got {self.step_threshold}")
@@ -204,7 +208,7 @@ class Demo:
             "--model_name_or_path", str(mpo_final if a.prm_init == "mpo" else sft_final),
             "--data", str(self.dir("label_steps") / "visualprm.jsonl"),
             "--eval_data", str(self.dir("heldout_labels") / "visualprm.jsonl"), "--output_dir",
-            str(self.dir("prm"))])
+            str(self.dir("prm")), "--system_prompt", a.prm_system_prompt])
         stages.append(("evaluate", asdict(a), self.evaluate))
 
         start = time.perf_counter()

@@ -4,10 +4,10 @@
   their answers first go wrong;
 - Best-of-k, k = 1..N, on the `test_rollout` samples: the PRM's pick (`reward.PRMScorer`, `aggregation`) against
   majority vote, pass@k and a random pick (`reward.bon`);
-- the PRM's step macro-F1 (step score > `step_threshold`, the score being P(+) or its running minimum as
-  `step_scores` says) against the held-out Monte Carlo labels (`heldout_labels`) and
-  against the task's exact step labels (`data_gen.task.step_truth`) of every test response; and, for reference,
-  how well the Monte Carlo labels themselves match the exact ones.
+- the PRM's step macro-F1 (step score > `step_threshold`; the score is each P(+) or its running minimum or
+  product, as `step_scores` says) against the held-out Monte Carlo labels (`heldout_labels`) and against the task's
+  exact step labels (`data_gen.task.step_truth`) of every test response; and, for reference, how well the Monte
+  Carlo labels themselves match the exact ones.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from itertools import accumulate
+from operator import mul
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +30,12 @@ MAX_STEPS = 12  # as the PRM recipe's max_steps_per_solution
 
 
 def _step_scores(probs: list[float], how: str) -> list[float]:
-    """The scores judged against step labels: each P(+) (raw), or the lowest P(+) so far (running_min)."""
-    return list(accumulate(probs, min)) if how == "running_min" else list(probs)
+    """The scores judged against step labels: each P(+) (raw), the lowest P(+) so far (running_min), or the product
+    of the P(+) so far (running_product: with teacher forcing each P(+) assumes the steps before it right, so the
+    product is the chance that every step up to here is)."""
+    if how == "raw":
+        return list(probs)
+    return list(accumulate(probs, min if how == "running_min" else mul))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -89,7 +94,7 @@ def evaluate(demo: "Demo", folder: Path) -> None:
     prm, processor = load_model_and_processor(str(demo.dir("prm") / "final"))
     prm.eval()
     scorer = PRMScorer(prm, processor, aggregation=a.aggregation, max_steps=MAX_STEPS, batch_size=16, max_patches=1,
-                       step_split=a.step_split)
+                       step_split=a.step_split, system=a.prm_system_prompt or None)
     values = {r["id"]: r["values"] for r in _read_jsonl(demo.dir("questions") / "test.jsonl")}
     records = sorted(_read_jsonl(demo.dir("test_rollout") / "rollouts.jsonl"), key=lambda r: r["id"])
     questions, exact_labels, exact_probs, scored = [], [], [], []

@@ -7,6 +7,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from reward.formats import PRM_SYSTEM_PROMPT
+
 STAGE_HELP = {
     "questions": "tile-sum questions written (train and held-out test)",
     "sft": "supervised warm-up of the tiny InternVL on gold chains of thought",
@@ -64,7 +66,11 @@ def write_report(path: Path, m: dict[str, Any], args: Any, skipped: list[str]) -
               f"Test questions: {args.test_questions}; samples per test question: {args.bon_samples} "
               f"({args.bon_policy.upper()} policy); PRM aggregation: {args.aggregation}; step threshold "
               f"{args.step_threshold}; steps: blank-line pieces"
-              + (f", also cut at `{args.step_split}`" if args.step_split else "") + ".", ""]
+              + (f", also cut at `{args.step_split}`" if args.step_split else "")
+              + f"; PRM initialised from the {args.prm_init.upper()} policy, "
+              + ("with the published system prompt" if args.prm_system_prompt == PRM_SYSTEM_PROMPT else
+                 "with no system prompt" if not args.prm_system_prompt else "with its own system prompt")
+              + f"; step judgements: {args.step_scores}.", ""]
     if quick:
         lines += ["**Quick run**: a few items and steps per stage, to check the wiring; its numbers mean nothing.",
                   ""]

@@ -27,7 +27,7 @@ from typing import Any
 
 from rlhf.errors import UserError
 
-from .formats import FormatError
+from .formats import PRM_SYSTEM_PROMPT, FormatError
 from .scorer import Aggregation, ScoringMethod
 from .steps import compile_step_split
 
@@ -54,6 +54,8 @@ class ScorerArguments:
     step_split: str | None = field(default=None, metadata={
         "help": "Ours: the pattern that also ended steps inside blank-line steps in the PRM's labels (label-steps "
                 "--step_split), so text solutions are split as the PRM learned them."})
+    system_prompt: str = field(default=PRM_SYSTEM_PROMPT, metadata={
+        "help": "The PRM's system turn, as it was trained (default: the published PRM prompt); '' for none."})
     batch_size: int = field(default=8, metadata={"help": "Solutions per forward pass."})
     max_patches: int | None = field(default=None, metadata={"help": "Tile budget per question (default: the "
                                                                       "processor's)."})
@@ -205,7 +207,7 @@ def load_scorer(args: ScorerArguments):
     model = model.to(device).eval()
     return PRMScorer(model, processor, aggregation=args.aggregation, max_steps=args.max_steps,
                      batch_size=args.batch_size, method=args.method, max_patches=args.max_patches,
-                     step_split=args.step_split)
+                     step_split=args.step_split, system=args.system_prompt or None)
 
 
 def parse(argv: list[str], cls=ScorerArguments, prog: str = "mmalign bon"):

@@ -226,7 +226,7 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
         budget = max(1, (max_dynamic_patch or args.max_dynamic_patch) // len(images)) if images else 0
         try:
             row = encode_row(processing_class, question, steps, labels, resolved, budget, args.label_threshold, where,
-                             plus_context=args.judgement_context == "plus")
+                             system=args.system_prompt or None, plus_context=args.judgement_context == "plus")
         except (ValueError, UserError, OSError) as err:
             problems.append(f"{where}: {err}")
             continue

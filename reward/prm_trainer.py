@@ -92,6 +92,9 @@ class VisualPRMConfig(TrainingArguments):
         "help": "What earlier judgement tokens hold in a training row: 'label' (published: the true labels, teacher "
                 "forcing) or 'plus' (ours: every earlier judgement written as '+', exactly what PRMScorer feeds at "
                 "inference; stops the PRM from copying the previous label, a shortcut scoring cannot use)."})
+    system_prompt: str = field(default=PRM_SYSTEM_PROMPT, metadata={
+        "help": "The system turn of every training row (default: the published PRM prompt, which the released "
+                "checkpoint expects); '' for none. Score with the same one (PRMScorer system, bon --system_prompt)."})
     calibration_bins: int = field(default=10, metadata={"help": "Equal-width bins of the expected calibration error."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Rows are pre-tokenized; keep every column."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on when CUDA is there)."})

@@ -18,6 +18,7 @@ from reward.bon import (
     pass_at_k,
     random_at_k,
 )
+from rlhf.errors import UserError
 from tests.conftest import write_image
 
 
@@ -181,6 +182,24 @@ def test_bon_job_end_to_end(tmp_path):
     assert summary["metrics"]["majority_vote"]["4"] == 0.5  # q1: "16" x2 wins (F); q2: "11" x2 wins (T)
     assert markdown_table(expected) in (out / "bon_table.md").read_text()
     assert (out / "bon_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scorer_arguments_reach_the_scorer(tmp_path):
+    from reward.bon_job import ScorerArguments, load_scorer
+    from reward.formats import PRM_SYSTEM_PROMPT
+
+    def scorer(**kw):
+        return load_scorer(ScorerArguments(model_name_or_path="tiny-internvl", data=["d"], output_dir="x",
+                                           max_patches=1, device="cpu", **kw))
+
+    published, own = scorer(), scorer(system_prompt="", step_split=r"(?<=,)(?= )")
+    assert (published.system, published.step_split) == (PRM_SYSTEM_PROMPT, None)
+    assert own.system is None and own.steps_of("3, 4.\n\n7") == ["3,", "4.", "7"]
+    with_prompt = published.score("q", None, ["a", "b"]).step_scores
+    without = own.score("q", None, ["a", "b"]).step_scores
+    assert len(with_prompt) == len(without) == 2 and with_prompt != pytest.approx(without)
+    with pytest.raises(UserError, match="step_split"):
+        ScorerArguments(model_name_or_path="m", data=["d"], output_dir="x", step_split="(")
 
 
 def test_bon_job_bad_records_one_line_or_skipped(tmp_path, capsys):

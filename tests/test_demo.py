@@ -53,7 +53,7 @@ def test_quick_demo_writes_report_metrics_and_plots(quick_run):
         assert records and all(r["step_split"] == split for r in records)
         for r in records:
             assert [s["step"] for s in r["steps_with_score"]] == split_steps(r["response"], max_steps, split)
-    assert metrics["step_scores"] == "running_min"
+    assert metrics["step_scores"] == "running_product"
 
 
 def test_rerun_skips_finished_stages(quick_run, caplog):

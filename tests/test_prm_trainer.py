@@ -20,6 +20,7 @@ from PIL import Image
 from transformers import EvalPrediction
 
 from reward.formats import PRM_SYSTEM_PROMPT, MCRecord, StepwiseRecord, join_steps, split_steps
+from reward.prm_data import encode_prm
 from rlhf.processing import IM_END
 from reward.prm_job import (
     DataFormat,
@@ -320,6 +321,18 @@ def test_rows_resolve_images_and_report_missing_ones(tmp_path, tiny_processor):
         f"  {tmp_path / 'd.jsonl'}:3: text has 2 <image> placeholders but 1 images"]
     rows = build_rows(tmp_path / "d.jsonl", records[:1], tiny_processor, args)
     assert rows[0]["image_paths"] == [str(tmp_path / "ok.png")] and rows[0]["scores"] == [1.0, 0.0]
+
+
+def test_system_prompt_setting_shapes_the_rows(tmp_path, tiny_processor):
+    records = [(1, StepwiseRecord(question="q", steps=["1 + 2 = 3.", "Answer: 3"], labels=[True, True]))]
+    published = build_rows("d.jsonl", records, tiny_processor, config(tmp_path))[0]
+    none = build_rows("d.jsonl", records, tiny_processor, config(tmp_path, system_prompt=""))[0]
+    own = build_rows("d.jsonl", records, tiny_processor, config(tmp_path, system_prompt="Judge."))[0]
+    for row, system in ((published, PRM_SYSTEM_PROMPT), (none, None), (own, "Judge.")):
+        want = encode_prm(tiny_processor, "q", ["1 + 2 = 3.", "Answer: 3"], [True, True], system=system)
+        assert row["input_ids"] == want.input_ids and row["judgement_positions"] == want.judgement_positions
+    head = tiny_processor.tokenizer.convert_ids_to_tokens(published["input_ids"][:2])
+    assert head[0] == "<|im_start|>" and len(none["input_ids"]) < len(own["input_ids"]) < len(published["input_ids"])
 
 
 def test_overflow_truncates_at_a_step_boundary(tmp_path, tiny_processor):
