@@ -55,8 +55,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import UserError
 from reward.steps import compile_step_split
+from rlhf.errors import UserError
 from rlhf.processing import IMAGE_PLACEHOLDER
 
 from .backends.base import BackendUnavailable, GenerationRequest, RolloutBackend

@@ -172,16 +172,15 @@ def step_truth(item_values: list[int], steps: list[str]) -> list[bool]:
         for claim in claims:
             if not ok:
                 break
+            was_listing, listing = listing, False
             if answered:  # a claim after the answer
                 ok = False
-            elif m := (_READING if n_claims == 0 else _READING_MORE if listing else _NOTHING).fullmatch(claim):
+            elif m := (_READING if n_claims == 0 else _READING_MORE if was_listing else _NOTHING).fullmatch(claim):
                 read = [int(x) for x in re.findall(r"\d+", m.group(1))]
                 ok = read == list(item_values[n_read:n_read + len(read)]) and n_read + len(read) <= len(item_values)
                 n_read += len(read)
                 listing = not (m.group(2) == "." or re.search(r"\band\b", m.group(1), re.IGNORECASE))
                 ok = ok and (listing or n_read == len(item_values))
-                n_claims += 1
-                continue
             elif m := _TILE_READING.fullmatch(claim):
                 k, v = int(m.group(1)), int(m.group(2))
                 ok = (n_sums == 0 and k == n_read + 1 and n_read < len(item_values) and v == item_values[n_read])
@@ -196,7 +195,6 @@ def step_truth(item_values: list[int], steps: list[str]) -> list[bool]:
             else:
                 ok = False
             n_claims += 1
-            listing = False
         out.append(ok)
     return out
 
