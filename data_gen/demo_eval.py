@@ -7,7 +7,9 @@
 - the PRM's step macro-F1 (step score > `step_threshold`; the score is each P(+) or its running minimum or
   product, as `step_scores` says) against the held-out Monte Carlo labels (`heldout_labels`) and against the task's
   exact step labels (`data_gen.task.step_truth`) of every test response; and, for reference, how well the Monte
-  Carlo labels themselves match the exact ones.
+  Carlo labels themselves match the exact ones;
+- whether the PRM checks each kind of step: the AUC of P(+) between right and wrong steps of a kind (reading,
+  partial sum, answer), counting only steps whose earlier steps are all right (a step judged on its own).
 """
 
 from __future__ import annotations
@@ -67,14 +69,14 @@ def evaluate(demo: "Demo", folder: Path) -> None:
     from tqdm.auto import tqdm
 
     from reward.bon import QuestionResponses, bon_metrics, markdown_table, plot_curve
-    from reward.eval_job import step_f1
+    from reward.eval_job import step_auc, step_f1
     from reward.formats import hard_label, read_jsonl
     from reward.scorer import PRMScorer
     from rlhf.models import load_model_and_processor
 
     from .demo import TEST_START
     from .rollout import pass_counts
-    from .task import TileSumTask, step_truth
+    from .task import TileSumTask, claim_kind, step_truth
 
     a = demo.args
     metrics: dict[str, Any] = {}
@@ -98,6 +100,7 @@ def evaluate(demo: "Demo", folder: Path) -> None:
     values = {r["id"]: r["values"] for r in _read_jsonl(demo.dir("questions") / "test.jsonl")}
     records = sorted(_read_jsonl(demo.dir("test_rollout") / "rollouts.jsonl"), key=lambda r: r["id"])
     questions, exact_labels, exact_probs, scored = [], [], [], []
+    by_kind: dict[str, tuple[list[bool], list[float]]] = {"reading": ([], []), "sum": ([], []), "answer": ([], [])}
     for r in tqdm(records, desc="PRM scoring", unit="question"):
         responses = [x for x in r["responses"] if not x.get("reference")]
         image = _image(r, demo.dir("questions"))
@@ -105,9 +108,15 @@ def evaluate(demo: "Demo", folder: Path) -> None:
         questions.append(QuestionResponses([s.score for s in scores], [x["answer"] for x in responses],
                                            [bool(x["correct"]) for x in responses]))
         for x, s in zip(responses, scores):
-            truth = step_truth(values[r["id"]], scorer.steps_of(x["text"]))
+            steps = scorer.steps_of(x["text"])
+            truth = step_truth(values[r["id"]], steps)
             exact_labels += truth
             exact_probs += _step_scores(s.step_scores, a.step_scores)
+            for i, (step, good, p) in enumerate(zip(steps, truth, s.step_scores)):
+                kind = claim_kind(step.splitlines()[0]) if step.strip() else None
+                if kind and (i == 0 or truth[i - 1]):  # judged on its own: every earlier step is right
+                    by_kind[kind][0].append(good)
+                    by_kind[kind][1].append(p)
         scored.append({"id": r["id"], "scores": [round(s.score, 5) for s in scores],
                        "correct": [bool(x["correct"]) for x in responses]})
     with (folder / "bon_scores.jsonl").open("w", encoding="utf-8") as f:
@@ -125,6 +134,8 @@ def evaluate(demo: "Demo", folder: Path) -> None:
     # 3. step judgements: exact labels of every test response, and the held-out Monte Carlo labels
     exact = step_f1(exact_labels, exact_probs, a.step_threshold)
     metrics["step_scores"] = a.step_scores
+    metrics["prm_step_auc"] = {kind: None if (v := step_auc(*pair)) is None else round(v, 4)
+                               for kind, pair in by_kind.items()}
     metrics["prm_step_f1_exact"] = round(exact["macro_f1"], 4)
     metrics["prm_step_exact_detail"] = exact
     mc_labels, mc_probs, mc_exact = [], [], []

@@ -87,11 +87,16 @@ def write_report(path: Path, m: dict[str, Any], args: Any, skipped: list[str]) -
     for key in ("prm_step_f1", "prm_step_f1_exact", "mc_labels_vs_exact_f1"):
         if key in m:
             lines.append(f"| {key} | {m[key]:.3f} |")
+    for kind, auc in (m.get("prm_step_auc") or {}).items():
+        lines.append(f"| prm_step_auc ({kind} steps) | {'n/a' if auc is None else f'{auc:.3f}'} |")
     if m.get("train_pass_rate") is not None:
         lines.append(f"| SFT sample accuracy on training questions (rollout pass rate) | {_pct(m['train_pass_rate'])} |")
     lines += ["", "`prm_step_f1`: macro-F1 of the PRM's step judgements against held-out Monte Carlo labels; "
               "`prm_step_f1_exact`: against the task's exact step labels on every test response; "
-              "`mc_labels_vs_exact_f1`: how well the Monte Carlo labels themselves match the exact ones.", ""]
+              "`mc_labels_vs_exact_f1`: how well the Monte Carlo labels themselves match the exact ones; "
+              "`prm_step_auc`: the chance that the PRM gives a right step of that kind a higher P(+) than a wrong one "
+              "(exact labels, steps whose earlier steps are all right, pooled over positions: a prior by position or by "
+              "the length of the list lifts it above 0.5 too).", ""]
     lines += ["## Stages", "", "| stage | what | seconds |", "|---|---|---:|"]
     for name, seconds in m.get("stage_seconds", {}).items():
         note = " (done earlier)" if name in skipped else ""

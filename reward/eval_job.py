@@ -52,6 +52,27 @@ def step_f1(labels: Sequence[bool | None], probs: Sequence[float], threshold: fl
             "n_positive": tp + fn, "n_negative": tn + fp}
 
 
+def step_auc(labels: Sequence[bool | None], probs: Sequence[float]) -> float | None:
+    """Area under the ROC curve of the scores for `+` against `-` steps: the chance that a random `+` step scores
+    above a random `-` one, ties counting half (Mann-Whitney, from average ranks); None labels are ignored, and
+    None is returned when either class is missing."""
+    if len(labels) != len(probs):
+        raise ValueError(f"{len(labels)} labels but {len(probs)} scores")
+    pairs = sorted((p, y) for y, p in zip(labels, probs) if y is not None)
+    n_pos = sum(y for _, y in pairs)
+    n_neg = len(pairs) - n_pos
+    if not n_pos or not n_neg:
+        return None
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):  # ranks 1..n, tied scores share their average rank
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        rank_sum += sum(y for _, y in pairs[i:j]) * (i + j + 1) / 2
+        i = j
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 StepsBySource = Mapping[str, tuple[Sequence[bool | None], Sequence[float]]]
 
 

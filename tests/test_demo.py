@@ -54,6 +54,9 @@ def test_quick_demo_writes_report_metrics_and_plots(quick_run):
         for r in records:
             assert [s["step"] for s in r["steps_with_score"]] == split_steps(r["response"], max_steps, split)
     assert metrics["step_scores"] == "running_product"
+    assert set(metrics["prm_step_auc"]) == {"reading", "sum", "answer"}
+    assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["prm_step_auc"].values())
+    assert "prm_step_auc (reading steps)" in report
 
 
 def test_rerun_skips_finished_stages(quick_run, caplog):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reward.eval_job import best_threshold, source_macro_f1, split_heldout, step_f1
+from reward.eval_job import best_threshold, source_macro_f1, split_heldout, step_auc, step_f1
 from reward.prm_data import encode_prefix, encode_steps, judgement_ids
 from reward.scorer import AGGREGATORS, Aggregation, PRMScorer, ScoringMethod, as_grpo_reward
 from rlhf.errors import UserError
@@ -218,6 +218,16 @@ def test_step_f1_worked_numbers():
     r = step_f1([True, True, False, None, False, True], [0.9, 0.4, 0.3, 0.99, 0.6, 0.7], 0.5)
     assert r == pytest.approx({"f1_positive": 4 / 6, "f1_negative": 0.5, "macro_f1": 7 / 12,
                                "n_positive": 3, "n_negative": 2})
+
+
+def test_step_auc_worked_numbers():
+    """Same steps: + scores .9 .4 .7, - scores .3 .6 (the neutral .99 ignored). Of the 3 x 2 pairs, + above - in
+    (.9,.3) (.9,.6) (.4,.3) (.7,.3) (.7,.6): 5 / 6. A tie counts half; one class alone gives None."""
+    assert step_auc([True, True, False, None, False, True], [0.9, 0.4, 0.3, 0.99, 0.6, 0.7]) == pytest.approx(5 / 6)
+    assert step_auc([True, False, True, False], [0.9, 0.1, 0.4, 0.4]) == pytest.approx(3.5 / 4)
+    assert step_auc([False, True], [0.8, 0.2]) == 0.0 and step_auc([True, True], [0.1, 0.2]) is None
+    with pytest.raises(ValueError, match="2 labels but 1 scores"):
+        step_auc([True, False], [0.5])
 
 
 def test_source_macro_f1_averages_sources():
