@@ -31,6 +31,7 @@ from .formats import (
     parse_jsonl_line,
 )
 from .prm_trainer import OverflowAction, VisualPRMConfig
+from .steps import join_steps
 
 logger = logging.getLogger("mmalign.prm")
 FORMAT_FIELD = "data_format"
@@ -141,12 +142,14 @@ def record_example(record) -> tuple[str, list[str], list[bool] | list[float], li
 def merge_steps(steps: list[str], labels: list, max_steps: int | None) -> tuple[list[str], list]:
     """`split_steps`' even merge (`k = ceil(n / max_steps)` consecutive steps joined by a blank line). A merged step
     takes the label of its last step: it is correct up to there exactly when that step is, and its Monte Carlo
-    prefix is that step's prefix."""
+    prefix is that step's prefix. Steps cut with a `step_split` pattern are rejoined here by a blank line, not by
+    the text between them as the scorer's split does: label them with label-steps `max_steps` <= this one (the
+    demo uses 12 for both), so no record is merged again."""
     if max_steps is None or len(steps) <= max_steps:
         return steps, labels
     k = math.ceil(len(steps) / max_steps)
     starts = range(0, len(steps), k)
-    return ["\n\n".join(steps[i:i + k]) for i in starts], [labels[min(i + k, len(steps)) - 1] for i in starts]
+    return [join_steps(steps[i:i + k]) for i in starts], [labels[min(i + k, len(steps)) - 1] for i in starts]
 
 
 @dataclass
