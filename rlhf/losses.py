@@ -55,11 +55,28 @@ def generation_loss(chosen_token_logps: torch.Tensor, chosen_mask: torch.Tensor)
 def update_running_mean(
     mean: torch.Tensor, count: torch.Tensor, batch_sum: torch.Tensor, batch_count: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Count-weighted cumulative mean, as the InternVL trainer updates δ:
-    new_mean = mean + (batch_mean - mean) * batch_count / (count + batch_count)."""
+    """Count-weighted cumulative mean (TRL's `RunningMoments.update`):
+    new_mean = mean + (batch_mean - mean) * batch_count / (count + batch_count).
+
+    What counts as one sample is the caller's choice: the InternVL trainer updates δ with one sample per rank and
+    step (that rank's batch mean of rewards), so `batch_sum` is the sum of the ranks' batch means and `batch_count`
+    the world size; `reward_shift='reward_mean'` (ours) passes every reward instead."""
     total = count + batch_count
     batch_mean = batch_sum / batch_count
     return mean + (batch_mean - mean) * (batch_count / total), total
+
+
+def reward_shift_stats(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, per_reward: bool = False
+                       ) -> torch.Tensor:
+    """(sum, count) of the samples one rank adds to δ's running mean in one forward, float64; summed over ranks, they
+    are `update_running_mean`'s `batch_sum` and `batch_count`.
+
+    Published (InternVL's trainer, `per_reward=False`): one sample, the mean of this batch's chosen and rejected
+    rewards, whatever the batch size. Ours (`per_reward=True`): every reward is a sample."""
+    rewards = torch.cat([chosen_rewards, rejected_rewards]).detach().double()
+    if per_reward:
+        return torch.stack([rewards.sum(), rewards.new_tensor(rewards.numel())])
+    return torch.stack([rewards.mean(), rewards.new_tensor(1.0)])
 
 
 def mpo_losses(

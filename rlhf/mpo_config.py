@@ -9,13 +9,23 @@ from enum import StrEnum
 
 from trl import DPOConfig
 
+from .args import SettingError
 from .losses import MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS
+
+# the loss types DPOTrainer.dpo_loss of the pinned TRL series (1.16) computes
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 class RewardShift(StrEnum):
     """How δ, the reward shift of the quality (BCO) term, is computed."""
 
-    RUNNING_MEAN = "running_mean"  # published MPO: count-weighted cumulative mean of all rewards so far
+    # Published MPO (InternVL's trainer): a cumulative mean of per-step batch means. Each forward, each rank adds ONE
+    # sample, the mean of its batch's chosen and rejected rewards, whatever its batch size.
+    RUNNING_MEAN = "running_mean"
+    # Ours: a cumulative mean of every reward seen so far (each reward weighted once, so a rank or step with a bigger
+    # batch counts more). Agrees with RUNNING_MEAN only when every step on every rank has the same batch size.
+    REWARD_MEAN = "reward_mean"
     NONE = "none"  # δ = 0, what TRL 1.16's `bco_pair` computes
 
 
@@ -45,7 +55,8 @@ class MPOConfig(DPOConfig):
     reward_shift: str = field(
         default=RewardShift.RUNNING_MEAN.value,
         metadata={"help": "BCO reward shift δ: " + ", ".join(f"'{r.value}'" for r in RewardShift)
-                  + ". 'running_mean' is the published MPO; 'none' is TRL 1.16's δ = 0.",
+                  + ". 'running_mean' is the published MPO (cumulative mean of each rank's per-step batch mean of "
+                  "rewards); 'reward_mean' (ours) weights every reward instead; 'none' is TRL 1.16's δ = 0.",
                   "choices": [r.value for r in RewardShift]},
     )
     on_overflow: str = field(
@@ -96,6 +107,13 @@ class MPOConfig(DPOConfig):
             self.bf16 = torch.cuda.is_available()
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.use_cpu = True  # several CPU processes (torchrun / accelerate launch): DDP over gloo
+        loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        for i, name in enumerate(loss_types):
+            if name not in TRL_LOSS_TYPES:
+                raise SettingError("loss_type", f"loss types among {', '.join(TRL_LOSS_TYPES)} (entry {i})", name)
+        for i, w in enumerate(self.loss_weights or []):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise SettingError("loss_weights", f"finite numbers >= 0 (entry {i})", w)
         super().__post_init__()
         self.reward_shift = RewardShift(self.reward_shift).value
         self.on_overflow = OverflowAction(self.on_overflow).value

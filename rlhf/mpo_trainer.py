@@ -31,7 +31,7 @@ from trl.trainer.utils import use_adapter
 
 from . import ref_cache
 from .collator import ROW_COLUMNS, MPOCollator
-from .losses import TERM_METRIC, MPOTerm, update_running_mean
+from .losses import TERM_METRIC, MPOTerm, reward_shift_stats, update_running_mean
 from .mpo_head import MPOHeadSpec, add_mpo_head
 from .packing import PackedPairCollator
 from .mpo_config import MPOConfig, RewardShift
@@ -68,7 +68,7 @@ class MPOTrainer(DPOTrainer):
         for target in (model, ref_model):  # before TRL's init, which may already run reference passes
             if target is not None:
                 add_mpo_head(target.get_base_model() if is_peft_model(target) else target)
-        # Running mean and count of all rewards seen so far (float64, identical on every rank).
+        # δ's running mean and its sample count (float64, identical on every rank; see `update_reward_shift`).
         self.reward_shift_mean = torch.zeros((), dtype=torch.float64)
         self.reward_shift_count = torch.zeros((), dtype=torch.float64)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
@@ -125,9 +125,13 @@ class MPOTrainer(DPOTrainer):
 
     # -- loss -------------------------------------------------------------------------------------------------
     def update_reward_shift(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-        """δ before use: fold this step's rewards (summed over all ranks) into the cumulative mean."""
-        rewards = torch.cat([chosen_rewards, rejected_rewards]).detach().double()
-        stats = torch.stack([rewards.sum(), rewards.new_tensor(rewards.numel())])
+        """δ before use: fold this forward's rewards, from every rank, into the cumulative mean.
+
+        `running_mean` (published, InternVL's trainer): each rank contributes ONE sample, the mean of its batch's
+        chosen and rejected rewards, whatever its batch size (the per-rank scalars are gathered, so a step adds
+        world-size samples). `reward_mean` (ours): every reward is one sample."""
+        stats = reward_shift_stats(chosen_rewards, rejected_rewards,
+                                   per_reward=self.args.reward_shift == RewardShift.REWARD_MEAN)
         stats = self.accelerator.reduce(stats, reduction="sum").cpu()
         self.reward_shift_mean, self.reward_shift_count = update_running_mean(
             self.reward_shift_mean, self.reward_shift_count, stats[0], stats[1]
@@ -168,7 +172,7 @@ class MPOTrainer(DPOTrainer):
             deltas.append(self.update_reward_shift(chosen_rewards, rejected_rewards))
             return deltas[-1]
 
-        shifted = self.args.reward_shift == RewardShift.RUNNING_MEAN and MPOTerm.QUALITY.value in self.loss_types
+        shifted = self.args.reward_shift != RewardShift.NONE and MPOTerm.QUALITY.value in self.loss_types
         batch = {k: v for k, v in inputs.items() if k not in ("ref_chosen_logps", "ref_rejected_logps")}
         out = model(**batch, mpo=self._head_spec(delta=delta if shifted else 0.0, ref_chosen_logps=ref_chosen,
                                                  ref_rejected_logps=ref_rejected))

@@ -13,6 +13,7 @@ from rlhf.losses import (
     mpo_losses,
     preference_loss,
     quality_loss,
+    reward_shift_stats,
     update_running_mean,
 )
 
@@ -68,6 +69,47 @@ def test_running_mean_count_weighted():
     mean, count = update_running_mean(torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64),
                                       torch.tensor(0.7, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64))
     assert mean.item() == pytest.approx(0.175)
+
+
+def _delta_over_steps(steps, per_reward):
+    """δ after each step; `steps` lists, per step, each rank's (chosen rewards, rejected rewards). The per-rank
+    stats are summed over ranks, as the trainer's all-reduce does."""
+    mean = count = torch.zeros((), dtype=torch.float64)
+    out = []
+    for ranks in steps:
+        stats = sum(reward_shift_stats(torch.tensor(c), torch.tensor(r), per_reward=per_reward) for c, r in ranks)
+        mean, count = update_running_mean(mean, count, stats[0], stats[1])
+        out.append((mean.item(), count.item()))
+    return out
+
+
+def test_reward_shift_per_step_batch_mean_varying_batches_and_ranks():
+    # InternVL's trainer: every forward, each rank's batch mean mean(cat(chosen, rejected)) is ONE sample of the
+    # cumulative mean (the per-rank scalars are gathered first), whatever the batch size.
+    # step 1: rank 0 has 2 pairs, chosen [1, 3], rejected [0, 0] -> batch mean 1.0
+    #         rank 1 has 1 pair,  chosen [4],    rejected [2]    -> batch mean 3.0
+    #   published:  δ = (1 + 3) / 2 = 2.0 (count 2);   per reward: (1+3+0+0+4+2) / 6 = 10/6 (count 6)
+    # step 2: rank 0 has 1 pair, chosen [2], rejected [0] -> 1.0; rank 1 has 3 pairs of zeros -> 0.0
+    #   published:  δ = (1 + 3 + 1 + 0) / 4 = 1.25;     per reward: (10 + 2) / (6 + 2 + 6) = 12/14
+    steps = [[([1.0, 3.0], [0.0, 0.0]), ([4.0], [2.0])],
+             [([2.0], [0.0]), ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])]]
+    assert _delta_over_steps(steps, per_reward=False) == [(2.0, 2.0), (1.25, 4.0)]
+    ours = _delta_over_steps(steps, per_reward=True)
+    assert ours[0] == (pytest.approx(10 / 6), 6.0) and ours[1] == (pytest.approx(12 / 14), 14.0)
+
+
+def test_reward_shift_single_rank_batches_of_one_to_four():
+    # One rank, batches of 1 to 4 pairs. Step k's rewards: chosen all k, rejected all 0 -> batch mean k / 2.
+    # published: δ_k = mean(1/2, 2/2, ..., k/2): 0.5, 0.75, 1.0, 1.25 (one sample per step)
+    # per reward: step k adds 2k rewards summing to k*k: δ_4 = (1 + 4 + 9 + 16) / (2 + 4 + 6 + 8) = 30 / 20 = 1.5
+    steps = [[([float(k)] * k, [0.0] * k)] for k in (1, 2, 3, 4)]
+    assert [m for m, _ in _delta_over_steps(steps, per_reward=False)] == [0.5, 0.75, 1.0, 1.25]
+    assert _delta_over_steps(steps, per_reward=True)[-1] == (pytest.approx(1.5), 20.0)
+    # equal batch sizes on every step and rank: both rules give the same δ (the released batch-1 recipes)
+    even = [[([1.0, 2.0], [0.0, 1.0]), ([3.0, 0.0], [1.0, 1.0])], [([0.5, 0.5], [0.5, 0.5]), ([2.0, 2.0], [0.0, 0.0])]]
+    a = [m for m, _ in _delta_over_steps(even, per_reward=False)]
+    b = [m for m, _ in _delta_over_steps(even, per_reward=True)]
+    assert a == pytest.approx(b) and a == pytest.approx([9 / 8, (9 + 2 + 4) / 16])
 
 
 def test_mpo_total_and_terms():

@@ -28,6 +28,6 @@ def test_two_process_reward_shift_is_synchronised(tmp_path):
     assert r0["world_size"] == r1["world_size"] == 2
     assert len(r0["shift"]) == 4
     assert r0["shift"] == r1["shift"]  # bit-identical on both ranks
-    assert r0["count"] == r1["count"] == 4 * 2 * 2  # 4 steps x 2 ranks x (chosen + rejected)
+    assert r0["count"] == r1["count"] == 4 * 2  # published δ: 4 steps x 2 ranks, one batch mean each
     assert any(abs(s) > 0 for s in r0["shift"][1:])
     assert r0["param_sum"] == pytest.approx(r1["param_sum"], rel=1e-9)  # DDP kept the replicas in step

@@ -93,19 +93,40 @@ def test_running_mean_shift_matches_formula(tmp_path, tiny_internvl, preference_
         rewards = 0.1 * (pol_tok.sum(1) - ref_tok.sum(1))
         rc, rr = rewards.chunk(2)
         all_rewards.append(rewards)
-        delta = torch.cat(all_rewards).mean()  # cumulative mean of every reward so far, this batch included
+        # published δ: cumulative mean of the per-step batch means, this batch included (equal batch sizes here,
+        # so it is also the mean of every reward so far)
+        delta = torch.stack([r.mean() for r in all_rewards]).mean()
         pref = -F.logsigmoid(rc - rr).mean()
         qual = (-F.logsigmoid(rc - delta) - F.logsigmoid(-(rr - delta))).mean()
         gen = -pol_tok.chunk(2)[0].sum() / mask.chunk(2)[0].sum()
         assert loss.item() == pytest.approx((0.8 * pref + 0.2 * qual + gen).item(), abs=1e-5)
         assert ours.reward_shift_mean.item() == pytest.approx(delta.item(), abs=1e-6)
-        assert ours.reward_shift_count.item() == 8 * (step + 1)
+        assert ours.reward_shift_count.item() == step + 1
         m = ours._metrics["train"]
         assert m["mpo/preference_loss"][-1] == pytest.approx(pref.item(), abs=1e-5)
         assert m["mpo/quality_loss"][-1] == pytest.approx(qual.item(), abs=1e-5)
         assert m["mpo/generation_loss"][-1] == pytest.approx(gen.item(), abs=1e-5)
         assert m["mpo/reward_shift"][-1] == pytest.approx(delta.item(), abs=1e-6)
     assert abs(ours.reward_shift_mean.item()) > 1e-4  # the perturbation makes δ non-trivial
+
+
+@pytest.mark.parametrize("rule", ["running_mean", "reward_mean"])
+def test_reward_shift_rules_with_unequal_batches(tmp_path, tiny_internvl, preference_rows, tiny_processor, rule):
+    """Batches of 3 pairs then 1 pair. InternVL's trainer (running_mean) folds each step's batch mean in as one
+    sample: δ_2 = (m_1 + m_2) / 2. reward_mean (ours) weights every reward: δ_2 = (6 m_1 + 2 m_2) / 8."""
+    ours, policy, ref = build_trainers(tmp_path, tiny_internvl, preference_rows, tiny_processor, reward_shift=rule)
+    collate = MPOCollator(tiny_processor, 512)
+    means = []
+    for idx in ([0, 1, 2], [3]):
+        batch = collate([preference_rows[i] for i in idx])
+        ours.compute_loss(ours.model, dict(batch))
+        with torch.no_grad():
+            rewards = 0.1 * (sequence_logps(policy, batch)[0].sum(1) - sequence_logps(ref, batch)[0].sum(1))
+        means.append(rewards.mean().item())
+    expected = (means[0] + means[1]) / 2 if rule == "running_mean" else (6 * means[0] + 2 * means[1]) / 8
+    assert ours.reward_shift_mean.item() == pytest.approx(expected, abs=1e-6)
+    assert ours.reward_shift_count.item() == (2 if rule == "running_mean" else 8)
+    assert abs(means[0] - means[1]) > 1e-3  # the two rules really differ on these batches
 
 
 @pytest.mark.parametrize("loss_type", [["hinge"], ["ipo", "sft"], ["sigmoid"], ["nca_pair"]])
@@ -154,4 +175,4 @@ def test_text_only_causal_lm(tmp_path, tiny_processor):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    assert trainer.reward_shift_count.item() == 8  # 2 steps x 2 pairs x 2 rewards
+    assert trainer.reward_shift_count.item() == 2  # 2 steps, one batch mean each (published δ)
