@@ -531,7 +531,9 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
         fingerprint["backend"].pop(key, None)
     check_settings(output_dir, SETTINGS_FILE, fingerprint, job.resume)
     owned = backend is None  # a backend handed in stays open for the caller
-    if owned:
+    if owned and job.executor == "ray":  # each actor builds its own, where the GPUs are
+        backend = None
+    elif owned:
         backend = backend_args.make()
         if job.workers > 1:  # checked here; each worker process builds its own
             backend.close()
@@ -541,7 +543,7 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
         summary = run_job(items, worker, output_dir, name=MC_NAME, num_shards=job.num_shards,
                           shard_index=job.shard_index, resume=job.resume, workers=job.workers,
                           batch_size=job.batch_size, desc="label-steps", progress=job.progress,
-                          fatal_errors=(BackendUnavailable,))
+                          fatal_errors=(BackendUnavailable,), executor=job.executor, ray_options=job.ray_options())
     finally:
         if owned and worker.backend is not None:
             worker.backend.close()

@@ -461,14 +461,15 @@ def run(args: PairsArguments, backend_args: BackendArguments, sampling: DropoutS
         logger.warning("the rollouts used a system prompt; train on these pairs with --system_prompt %r",
                        sorted(systems)[0])
     owned = backend is None  # a backend handed in stays open for its owner
-    if owned and job.workers == 1 and any(wants_dropout(args, r) for r in records):
+    if owned and job.backend_in_driver and any(wants_dropout(args, r) for r in records):
         backend = backend_args.make()  # fails at start, one line, when the policy cannot be used
     worker = PairsWorker(args, sampling, backend_args, backend)
     try:
         job_summary = run_job(records, worker, job.output_dir, name=GROUPS_NAME, num_shards=job.num_shards,
                               shard_index=job.shard_index, resume=job.resume, workers=job.workers,
                               batch_size=job.batch_size, desc="pairs", progress=job.progress,
-                              fatal_errors=(BackendUnavailable,))
+                              fatal_errors=(BackendUnavailable,), executor=job.executor,
+                              ray_options=job.ray_options())
     finally:
         if owned and worker.backend is not None:
             worker.backend.close()

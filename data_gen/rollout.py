@@ -111,10 +111,35 @@ class JobArguments:
     output_dir: str = field(metadata={"help": "Where the job writes (one job per folder)."})
     num_shards: int = field(default=1, metadata={"help": "Split the job over this many machines..."})
     shard_index: int = field(default=0, metadata={"help": "...and run this shard (merge with num_shards 1)."})
-    workers: int = field(default=1, metadata={"help": "Local processes, each loading its own backend."})
+    workers: int = field(default=1, metadata={
+        "help": "Workers, each loading its own backend: local processes, or Ray actors with --executor ray."})
     resume: bool = field(default=True, metadata={"help": "Skip finished items (false: move old files to *.bak)."})
     batch_size: int = field(default=8, metadata={"help": "Questions handed to the backend at once."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    executor: str = field(default="local", metadata={
+        "help": "Where the workers run: local (this machine's processes) or ray (Ray actors; pip install -e "
+                "'.[ray]'). Same files, same records."})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "With --executor ray: none for a local Ray started by the job, 'auto' for the running cluster, or "
+                "an address (ray://host:10001)."})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "With --executor ray: CPUs of each actor."})
+    gpus_per_worker: float = field(default=0.0, metadata={
+        "help": "With --executor ray: GPUs of each actor (a vLLM engine's tensor_parallel_size)."})
+
+    @property
+    def backend_in_driver(self) -> bool:
+        """True when the job's one backend runs in this process (a single local worker); else each worker builds
+        its own and this process only checks or needs none."""
+        return self.executor == "local" and self.workers == 1
+
+    def ray_options(self):
+        """The executor's placement settings, or None for the local executor."""
+        if self.executor != "ray":
+            return None
+        from .ray_executor import RayOptions
+
+        return RayOptions(address=self.ray_address, cpus_per_worker=self.cpus_per_worker,
+                          gpus_per_worker=self.gpus_per_worker)
 
 
 def parse_args(types: tuple, argv: list[str], prog: str) -> tuple:
@@ -397,7 +422,9 @@ def run(args: RolloutArguments, backend_args: BackendArguments, sampling: Sampli
         fingerprint["backend"].pop(key, None)
     check_settings(job.output_dir, SETTINGS_FILE, fingerprint, job.resume)
     owned = backend is None  # a backend handed in stays open for its owner
-    if owned:
+    if owned and job.executor == "ray":  # each actor builds its own, where the GPUs are
+        backend = None
+    elif owned:
         backend = backend_args.make()
         if job.workers > 1:  # checked here; each worker process builds its own
             backend.close()
@@ -407,7 +434,7 @@ def run(args: RolloutArguments, backend_args: BackendArguments, sampling: Sampli
         return run_job(questions, worker, job.output_dir, name=ROLLOUTS_NAME, num_shards=job.num_shards,
                        shard_index=job.shard_index, resume=job.resume, workers=job.workers,
                        batch_size=job.batch_size, desc="rollout", progress=job.progress,
-                       fatal_errors=(BackendUnavailable,))
+                       fatal_errors=(BackendUnavailable,), executor=job.executor, ray_options=job.ray_options())
     finally:
         if owned and worker.backend is not None:
             worker.backend.close()

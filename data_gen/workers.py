@@ -35,6 +35,9 @@ to the input does not move finished ones. `workers=N > 1` runs N local processes
 context), process i taking shard i of N, then merges; process_fn must be picklable (a top-level function, a
 functools.partial of one, or an instance of a top-level class that loads its model on first call).
 
+`executor="ray"` runs the batches on `workers` Ray actors instead, the driver writing the job's files as a single
+process does: the same files, the same guarantees, records equal to a local run's (see `data_gen.ray_executor`).
+
 process_fn may raise: an exception marks the items of that batch that have no outcome yet as failed, with the
 exception's one-line message, and the job goes on. `FatalJobError` (or a type listed in `fatal_errors`) stops the
 job at once with one line; everything committed before stays.
@@ -55,6 +58,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +75,16 @@ MAX_REASON_CHARS = 2000  # failure reasons are cut to one line of at most this m
 _SEED_BITS = 63
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _POLL_S = 0.1  # how often the parent of worker processes looks at them when no message comes
+
+
+class Executor(StrEnum):
+    """Where a job's batches run: in this process or local worker processes, or on Ray actors."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
+EXECUTORS = tuple(e.value for e in Executor)
 
 
 class FatalJobError(UserError):
@@ -775,7 +789,8 @@ def _run_workers(ids: list[str], items: list[Any], process_fn: Callable, output_
 def run_job(items: Iterable[Any], process_fn: Callable[[list[Any]], Iterable[Mapping[str, Any] | Failure]],
             output_dir: str | Path, *, name: str, id_key: str = "id", num_shards: int = 1, shard_index: int = 0,
             resume: bool = True, workers: int = 1, batch_size: int = 1, desc: str | None = None,
-            progress: bool = True, fatal_errors: Sequence[type[BaseException]] = ()) -> JobSummary:
+            progress: bool = True, fatal_errors: Sequence[type[BaseException]] = (), executor: str = "local",
+            ray_options: Any = None) -> JobSummary:
     """Run `process_fn` over the items not done yet, in input order, `batch_size` at a time, committing each
     outcome as it comes; see the module docstring for the files and the guarantees.
 
@@ -783,23 +798,32 @@ def run_job(items: Iterable[Any], process_fn: Callable[[list[Any]], Iterable[Map
     `id_key`, or `Failure(id, reason)`. num_shards/shard_index run one shard of a job split across machines (merge
     with `merge` once all have ended); workers > 1 splits this run over local processes and merges by itself.
     resume=False moves the old files aside to *.bak first (refused if a .bak exists, and with num_shards > 1).
-    `fatal_errors` adds exception types that stop the job like FatalJobError. Writes summary.json
-    (summary.shard{i}.json for one shard) and returns the JobSummary."""
+    `fatal_errors` adds exception types that stop the job like FatalJobError. executor="ray" runs the batches on
+    `workers` Ray actors placed by `ray_options` (a `data_gen.ray_executor.RayOptions`) with the same files and
+    guarantees (see that module). Writes summary.json (summary.shard{i}.json for one shard) and returns the
+    JobSummary."""
     _check_name(name)
     _check_shard(num_shards, shard_index)
+    if executor not in EXECUTORS:
+        raise JobInputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    on_ray = executor == Executor.RAY
+    if on_ray:
+        from .ray_executor import import_ray, run_pending as run_on_ray
+
+        import_ray()  # one line when Ray is not installed, before any work
     for label, value in (("workers", workers), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise JobInputError(f"{label} must be an integer >= 1, got {value!r}")
     if not callable(process_fn):
         raise JobInputError(f"process_fn must be callable, got {type(process_fn).__name__}")
-    if workers > 1 and num_shards > 1:
+    if workers > 1 and num_shards > 1 and not on_ray:
         raise JobInputError(f"workers={workers} needs num_shards=1: split the job either over machines (num_shards) "
                             "or over local processes (workers)")
     if not resume and num_shards > 1:
         raise JobInputError("resume=False is refused for one shard of a split job (num_shards > 1), since the "
                             "other shards share the folder: move the old files aside yourself")
     fatal = (FatalJobError, *fatal_errors)
-    if workers > 1:
+    if workers > 1 and not on_ray:  # Ray pickles with cloudpickle, which also takes closures
         try:
             pickle.dumps((process_fn, fatal))
         except Exception as err:
@@ -813,7 +837,7 @@ def run_job(items: Iterable[Any], process_fn: Callable[[list[Any]], Iterable[Map
     started = time.monotonic()
     if not resume:
         _move_aside(output_dir, name)
-    if workers > 1:
+    if workers > 1 and not on_ray:
         counts = _run_workers(ids, items, process_fn, output_dir, name=name, id_key=id_key, workers=workers,
                               batch_size=batch_size, fatal=fatal, desc=desc, progress=progress)
     else:
@@ -824,8 +848,12 @@ def run_job(items: Iterable[Any], process_fn: Callable[[list[Any]], Iterable[Map
             pending, counts = _pending(store, mine)
             bar = _Progress(counts.total, counts.skipped_done, desc, progress)
             try:
-                _run_pending(store, pending, counts, process_fn, batch_size=batch_size, fatal=fatal,
-                             report=bar.advance)
+                if on_ray:
+                    run_on_ray(store, pending, counts, process_fn, workers=workers, batch_size=batch_size,
+                               fatal=fatal, report=bar.advance, options=ray_options)
+                else:
+                    _run_pending(store, pending, counts, process_fn, batch_size=batch_size, fatal=fatal,
+                                 report=bar.advance)
             finally:
                 bar.close()
             if not sharded:
