@@ -555,7 +555,7 @@ def main(argv: list[str]) -> int:
     args, backend_args, sampling, job = parse_args(
         (LabelStepsArguments, BackendArguments, SamplingArguments, JobArguments), argv, "mmalign label-steps")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _, labels = run(args, backend_args, sampling, job)  # run_job logs the summary line
+    summary, labels = run(args, backend_args, sampling, job)  # run_job logs the summary line
     if labels is not None:
         print(labels.line())
-    return 0
+    return job.failure_status(summary)

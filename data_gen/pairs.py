@@ -440,8 +440,41 @@ def read_rollouts(path: str | Path) -> list[dict]:
         ):
             if not ok:
                 raise JobInputError(f"{where}: {key}: expected {expected} (a record of the rollout job)")
+        _check_types(record, where)
         records.append(record)
     return records
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(record: dict, where: str) -> None:
+    """The typed fields of a rollout record, numbers as answers made strings (`"answer": 42` is "42")."""
+    def bad(key: str, expected: str, value: Any) -> JobInputError:
+        return JobInputError(f"{where}: {key}: expected {expected}, got {value!r:.60}")
+
+    answer = record.get("answer")
+    if _number(answer):
+        record["answer"] = answer = str(answer)
+    if answer is not None and not isinstance(answer, str):
+        raise bad("answer", "a string, a number or null", answer)
+    if record.get("pass_rate") is not None and not _number(record["pass_rate"]):
+        raise bad("pass_rate", "a number or null", record["pass_rate"])
+    for i, r in enumerate(record["responses"]):
+        if _number(r.get("answer")):
+            r["answer"] = str(r["answer"])
+        for key, ok, expected in (
+            ("answer", r.get("answer") is None or isinstance(r.get("answer"), str), "a string, a number or null"),
+            ("correct", r.get("correct") is None or isinstance(r.get("correct"), bool), "true, false or null"),
+            ("score", r.get("score") is None or _number(r.get("score")), "a number or null"),
+            ("num_tokens", r.get("num_tokens") is None or _number(r.get("num_tokens")), "a number or null"),
+        ):
+            if not ok:
+                raise bad(f"responses[{i}].{key}", expected, r.get(key))
+    for key in ("image_root", "system_prompt"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise bad(key, "a string or null", record[key])
 
 
 def run(args: PairsArguments, backend_args: BackendArguments, sampling: DropoutSampling, job: JobArguments,
@@ -493,4 +526,6 @@ def main(argv: list[str]) -> int:
         print(f"MMPR data: {Path(job.output_dir) / 'meta.json'}")
     else:
         print("shard done: rerun with num_shards 1 once every shard has ended to write meta.json")
-    return 0
+    from .workers import JobSummary
+
+    return job.failure_status(JobSummary(**summary["job"]))

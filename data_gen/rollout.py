@@ -101,6 +101,24 @@ class SamplingArguments:
     max_new_tokens: int = field(default=4096, metadata={"help": "New tokens per response at most."})
     seed: int = field(default=0, metadata={"help": "Base seed; question `id` samples with item_seed(seed, id)."})
 
+    def __post_init__(self) -> None:  # before the first item: a setting that fails every item stops the job here
+        from rlhf.args import SettingError
+
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+        for name, ok, expected in (
+            ("temperature", number(self.temperature) and 0 <= self.temperature < float("inf"), "a number >= 0"),
+            ("top_p", number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", self.top_k is None or (isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
+                                             and self.top_k >= 1), "an integer >= 1, or null for no cut"),
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
+             and self.max_new_tokens >= 1, "an integer >= 1"),
+            ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool), "an integer"),
+        ):
+            if not ok:
+                raise SettingError(name, expected, getattr(self, name))
+
     def params(self, n: int) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_new_tokens=self.max_new_tokens, n=n, seed=self.seed)
@@ -140,22 +158,54 @@ class JobArguments:
 
         return RayOptions(address=self.ray_address, cpus_per_worker=self.cpus_per_worker,
                           gpus_per_worker=self.gpus_per_worker)
+    max_failure_rate: float = field(default=0.5, metadata={
+        "help": "Exit with status 1 (one summary line) when more than this share of the items processed in a run "
+                "failed; every failure is in failures.jsonl either way. 1: never."})
+
+    def __post_init__(self) -> None:
+        from rlhf.args import SettingError
+
+        for name in ("num_shards", "workers", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingError(name, "an integer >= 1", value)
+        rate = self.max_failure_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            raise SettingError("max_failure_rate", "a number in [0, 1]", rate)
+
+    def failure_status(self, summary) -> int:
+        """0, or 1 with one line on stderr when more than `max_failure_rate` of the processed items failed."""
+        import sys
+
+        if summary.processed and summary.failed / summary.processed > self.max_failure_rate:
+            share = "every item" if summary.failed == summary.processed else \
+                f"{summary.failed} of {summary.processed} items"
+            print(f"{summary.name}: {share} failed this run (more than max_failure_rate {self.max_failure_rate:g}); "
+                  f"see {Path(self.output_dir) / 'failures.jsonl'} for the reasons; a rerun retries them",
+                  file=sys.stderr)
+            return 1
+        return 0
 
 
 def parse_args(types: tuple, argv: list[str], prog: str) -> tuple:
-    from trl import TrlParser
+    from rlhf.args import parse_job_args
 
-    try:
-        return TrlParser(types, prog=prog).parse_args_and_config(args=argv)
-    except (ValueError, FileNotFoundError) as err:  # unknown keys, bad values, missing recipe: one line
-        raise UserError(str(err).splitlines()[0]) from None
+    return parse_job_args(types, argv, prog)
 
 
 def check_settings(output_dir: str | Path, file_name: str, settings: dict[str, Any], resume: bool) -> None:
     """Refuse (one line) to resume a job folder whose records were made with other settings; else record them."""
     path = Path(output_dir) / file_name
     if resume and path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:
+            raise JobInputError(f"{path}: the settings of the earlier run are not readable JSON ({err}); restore the "
+                                "file, or use a new output_dir, or --resume false to move the old records aside") \
+                from None
+        if not isinstance(old, dict):
+            raise JobInputError(f"{path}: expected a JSON object of settings (an earlier run's), got "
+                                f"{type(old).__name__}; use a new output_dir, or --resume false")
         changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if changed:
             raise JobInputError(f"{path}: this folder holds records made with other settings ({', '.join(changed)}); "
@@ -167,12 +217,11 @@ def check_settings(output_dir: str | Path, file_name: str, settings: dict[str, A
 
 
 def resolve_image(root: str | Path, ref: str) -> Path:
-    """`ref` resolved against `root` (symlinks and `..` followed); ValueError when it lands outside `root`."""
-    root = Path(root).resolve()
-    path = (root / ref).resolve()
-    if not path.is_relative_to(root):
-        raise ValueError(f"image {ref!r} resolves to {path}, outside the image root {root}")
-    return path
+    """`ref` resolved against `root` (symlinks and `..` followed); ValueError when it lands outside `root`
+    (`rlhf.data.resolve_image`, the rule of every reader)."""
+    from rlhf.data import resolve_image as confined
+
+    return confined(root, ref)
 
 
 # -- questions -----------------------------------------------------------------------------------------------------
@@ -421,6 +470,8 @@ def run(args: RolloutArguments, backend_args: BackendArguments, sampling: Sampli
     for key in ("batch_size", "device", "max_concurrency"):  # how it runs, not what it makes
         fingerprint["backend"].pop(key, None)
     check_settings(job.output_dir, SETTINGS_FILE, fingerprint, job.resume)
+    if job.resume:
+        check_unchanged(questions, job)
     owned = backend is None  # a backend handed in stays open for its owner
     if owned and job.executor == "ray":  # each actor builds its own, where the GPUs are
         backend = None
@@ -438,6 +489,39 @@ def run(args: RolloutArguments, backend_args: BackendArguments, sampling: Sampli
     finally:
         if owned and worker.backend is not None:
             worker.backend.close()
+
+
+def _content(q: Question) -> dict[str, Any]:
+    """What a record keeps of its question: a finished record is reused only while these match the input."""
+    return {"question": q.question, "answer": q.answer, "image": q.image_value, "meta": q.meta}
+
+
+def check_unchanged(questions: list[Question], job: JobArguments) -> None:
+    """Refuse (one line) to resume when a finished record's question, answer, images or extra fields differ from
+    the input item of the same id: its responses were made for other content."""
+    from .workers import ResultStore
+
+    output = Path(job.output_dir) / f"{ROLLOUTS_NAME}.jsonl"
+    sharded = job.num_shards > 1
+    if not output.is_file() and not sharded:
+        return
+    by_id = {q.id: q for q in questions}
+    changed = []
+    with ResultStore(job.output_dir, ROLLOUTS_NAME, job.shard_index if sharded else None) as store:
+        for record in store.records():
+            q = by_id.get(str(record.get("id")))
+            if q is None:
+                continue
+            old = {"question": record.get("question"), "answer": record.get("answer"),
+                   "image": record.get(q.image_key) if q.image_key else record.get("image", record.get("images")),
+                   "meta": record.get("meta", {})}
+            if old != _content(q):
+                changed.append((q.id, sorted(k for k in old if old[k] != _content(q)[k])))
+    if changed:
+        qid, fields = changed[0]
+        raise JobInputError(f"{store.path}: id {qid!r}: the input item changed since its record was made "
+                            f"({', '.join(fields)}; {len(changed)} changed item(s) in all); use a new output_dir, "
+                            "or --resume false to move the old records aside")
 
 
 def pass_counts(path: str | Path) -> tuple[int, int, int]:
@@ -466,7 +550,7 @@ def main(argv: list[str]) -> int:
     args, backend_args, sampling, job = parse_args(
         (RolloutArguments, BackendArguments, SamplingArguments, JobArguments), argv, "mmalign rollout")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(args, backend_args, sampling, job)  # run_job logs the summary line
+    summary = run(args, backend_args, sampling, job)  # run_job logs the summary line
     if job.num_shards == 1:
         print(pass_rate_line(job.output_dir))
-    return 0
+    return job.failure_status(summary)

@@ -96,6 +96,8 @@ def _str(value: Any, name: str, *, blank_ok: bool = False) -> str:
 
 
 def _image_list(obj: dict, root: Path) -> list[str]:
+    from rlhf.data import image_problem, resolve_image
+
     if "image" in obj and "images" in obj:
         raise FormatError("images", "either 'image' or 'images', not both")
     key = "images" if "images" in obj else "image"
@@ -108,9 +110,16 @@ def _image_list(obj: dict, root: Path) -> list[str]:
     paths = []
     for i, item in enumerate(items):
         name = key if isinstance(value, str) else f"{key}[{i}]"
-        path = root / _str(item, name)
+        try:
+            path = resolve_image(root, _str(item, name))
+        except ValueError as err:
+            raise FormatError(name, f"a path inside the image root ({err}); set image_root to the images' folder") \
+                from None
         if not path.is_file():
             raise FormatError(name, f"an existing image file ({path} not found)")
+        problem = image_problem(path)
+        if problem is not None:
+            raise FormatError(name, f"a readable image file ({problem})")
         paths.append(str(path))
     return paths
 
@@ -149,6 +158,10 @@ def parse_record(obj: Any, line: int, path: str, root: Path) -> BoNRecord:
         raise FormatError(None, f"a JSON object per line, got {type(obj).__name__}")
     question = _str(obj.get("question"), "question")
     images = _image_list(obj, root)
+    placeholders = question.count("<image>")
+    if placeholders not in (0, len(images)):
+        raise FormatError("question", f"one <image> placeholder per image (or none): {len(images)} image(s), got "
+                          f"{placeholders} placeholder(s)")
     key = next((k for k in GROUND_TRUTH_KEYS if obj.get(k) is not None), None)
     ground_truth = None if key is None else _str(obj[key], key)
     responses = obj.get("responses")
@@ -162,7 +175,7 @@ def parse_record(obj: Any, line: int, path: str, root: Path) -> BoNRecord:
 def read_records(paths: list[str], image_root: str | None, *, skip_invalid: bool, rejects: Path,
                  parse=parse_record) -> list:
     """Every record of every file, validated before any model work; bad ones raise or go to `rejects`."""
-    records, bad = [], []
+    records, bad, first = [], [], {}
     for path in paths:
         root = Path(image_root) if image_root else Path(path).parent
         try:
@@ -177,7 +190,13 @@ def read_records(paths: list[str], image_root: str | None, *, skip_invalid: bool
                     obj = json.loads(raw)
                 except json.JSONDecodeError as err:
                     raise FormatError(None, f"one JSON object per line ({err.msg} at column {err.colno})") from None
-                records.append(parse(obj, n, path, root))
+                record = parse(obj, n, path, root)
+                if isinstance(obj, dict) and obj.get("id") is not None:  # ids name the output rows
+                    key = str(obj["id"])
+                    if key in first:
+                        raise FormatError("id", f"a unique id, got {obj['id']!r} again (first at {first[key]})")
+                    first[key] = f"{path}:{n}"
+                records.append(record)
             except FormatError as err:
                 bad.append((err.at(path, n), raw))
     if bad and not skip_invalid:
@@ -211,9 +230,9 @@ def load_scorer(args: ScorerArguments):
 
 
 def parse(argv: list[str], cls=ScorerArguments, prog: str = "mmalign bon"):
-    from trl import TrlParser
+    from rlhf.args import parse_job_args
 
-    (args,) = TrlParser((cls,), prog=prog).parse_args_and_config(args=argv)
+    (args,) = parse_job_args((cls,), argv, prog)
     return args
 
 

@@ -79,7 +79,7 @@ class PRMDataError(UserError, ValueError):
         lines = [head, *(f"  {p}" for p in problems[:MAX_PRINTED_PROBLEMS])]
         if len(problems) > MAX_PRINTED_PROBLEMS:
             lines.append(f"  ... and {len(problems) - MAX_PRINTED_PROBLEMS} more")
-        super().__init__("\n".join(lines))
+        super().__init__(self.problems[0] if len(self.problems) == 1 else "\n".join(lines))  # one: one line
 
 
 # -- reading ---------------------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def detect_kind(obj: Any, data_format: DataFormat | str = DataFormat.AUTO) -> Re
 
 def read_prm_records(path: str | Path, data_format: DataFormat | str = DataFormat.AUTO) -> list[tuple[int, Any]]:
     """(line number, record) for every non-blank line; raises `PRMDataError` listing every bad line."""
-    records, problems = [], []
+    records, problems, first = [], [], {}
     try:
         raw_lines = Path(path).read_bytes().splitlines()
     except OSError:
@@ -121,6 +121,11 @@ def read_prm_records(path: str | Path, data_format: DataFormat | str = DataForma
             if obj is None:
                 continue
             kind = detect_kind(obj, data_format)
+            if isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
+                if str(obj["id"]) in first:
+                    raise FormatError("id", f"a unique id, got {obj['id']!r} again (first at line "
+                                      f"{first[str(obj['id'])]})")
+                first[str(obj["id"])] = line_no
             obj = {k: v for k, v in obj.items() if k != FORMAT_FIELD}
             records.append((line_no, TRAINABLE[kind][1].from_json(obj)))
         except FormatError as err:
@@ -213,18 +218,31 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
                image_root: str | Path | None = None, max_dynamic_patch: int | None = None) -> list[dict[str, Any]]:
     """Token rows for `VisualPRMTrainer`. Missing images and unencodable records raise `PRMDataError` (all of them);
     solutions over `args.max_length` are handled as `args.on_overflow` says, and reported."""
+    from rlhf.data import image_problem, resolve_image
+
     from .prm_trainer import encode_row
 
+    confined = image_root is not None  # a folder given (--image_root, a meta.json root): paths stay inside it
     root = Path(image_root) if image_root is not None else Path(path).parent
     rows, problems, overflow, truncated = [], [], [], 0
     for line_no, record in records:
         where = f"{path}:{line_no}"
         question, steps, labels, images = record_example(record)
         steps, labels = merge_steps(steps, labels, args.max_steps_per_solution)
-        resolved = [p if Path(p).is_absolute() else str(root / p) for p in images]
+        try:  # label-steps writes paths relative to its output folder, `..` included: without a root, those stay
+            resolved = [str(resolve_image(root, p)) if confined else
+                        str(resolve_image(root, p) if Path(p).is_absolute() else root / p) for p in images]
+        except ValueError as err:
+            problems.append(f"{where}: field 'images': expected paths inside the image root ({err}); set "
+                            "--image_root to the images' folder")
+            continue
         missing = [p for p in resolved if not Path(p).is_file()]
         if missing:
             problems.append(f"{where}: field 'image': expected an existing image file, got {missing[0]!r}")
+            continue
+        unreadable = next((e for e in map(image_problem, resolved) if e is not None), None)
+        if unreadable:
+            problems.append(f"{where}: field 'images': expected a readable image file ({unreadable})")
             continue
         budget = max(1, (max_dynamic_patch or args.max_dynamic_patch) // len(images)) if images else 0
         try:
@@ -286,10 +304,11 @@ def prepare_dataset(path: str, processing_class, args: VisualPRMConfig, script: 
 
 
 def parse(argv: list[str]):
-    from trl import ModelConfig, TrlParser
+    from trl import ModelConfig
 
-    parser = TrlParser((PRMScriptArguments, VisualPRMConfig, ModelConfig), prog="mmalign prm")
-    return parser.parse_args_and_config(args=argv)
+    from rlhf.args import parse_job_args
+
+    return parse_job_args((PRMScriptArguments, VisualPRMConfig, ModelConfig), argv, "mmalign prm")
 
 
 def save_final(trainer, processing_class, path: Path) -> None:

@@ -162,7 +162,10 @@ def _problem(record: PreferenceRecord, field_: str, message: str) -> RecordProbl
 
 
 def format_problems(problems: Sequence[RecordProblem], *, limit: int = MAX_PRINTED_PROBLEMS, hint: str = "") -> str:
-    """A count header, then one problem per line, at most `limit` lines and `... and N more`."""
+    """A count header, then one problem per line, at most `limit` lines and `... and N more`; one problem is one
+    line."""
+    if len(problems) == 1:
+        return f"{problems[0]}" + (f" ({hint})" if hint else "")
     n_records = len({(p.source, p.file, p.line) for p in problems})
     unit = "record" if any(p.line is not None for p in problems) else "data set"  # line None: a meta.json entry
     header = f"{len(problems)} problem{'' if len(problems) == 1 else 's'} in {n_records} {unit}"
@@ -733,6 +736,22 @@ def _record_problems(
         if image.width < 1 or image.height < 1:
             problems.append(_problem(record, f"{record.image_key}[{i}]", f"empty image ({image.width}x{image.height})"))
     return problems
+
+
+def resolve_image(root: str | Path, ref: str) -> Path:
+    """The one confinement rule of every reader: `ref` resolved against `root` (symlinks and `..` followed; an
+    absolute `ref` stands alone) must land inside `root`, else ValueError naming both."""
+    root = Path(root).resolve()
+    path = (root / ref).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"image {ref!r} resolves to {path}, outside the image root {root}")
+    return path
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why an image file cannot be used (missing, not an image, truncated, empty), or None; reads the structure
+    without decoding every pixel."""
+    return _image_error(str(path))
 
 
 def _image_error(path: str) -> str | None:

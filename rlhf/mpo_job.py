@@ -23,13 +23,11 @@ class MPOScriptArguments:
 
 
 def parse(argv: list[str]):
-    from trl import ModelConfig, TrlParser
+    from trl import ModelConfig
 
-    parser = TrlParser((MPOScriptArguments, MPOConfig, ModelConfig), prog="mmalign mpo")
-    try:
-        return parser.parse_args_and_config(args=argv)
-    except (ValueError, FileNotFoundError) as err:  # unknown keys, bad values, missing recipe: one line
-        raise UserError(str(err).splitlines()[0]) from None
+    from .args import parse_job_args
+
+    return parse_job_args((MPOScriptArguments, MPOConfig, ModelConfig), argv, "mmalign mpo")
 
 
 def read_records(path: str, args: MPOConfig, script: MPOScriptArguments):

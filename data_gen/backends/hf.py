@@ -151,6 +151,8 @@ class HFBackend(RolloutBackend):
         try:
             model, processor = load_model_and_processor(name, dtype=dtype)
             return model.to(device), processor
+        except UserError as err:  # the model folder's own one line (missing, no safetensors, corrupt)
+            raise BackendUnavailable(f"hf backend cannot load {name!r}: {err}") from None
         except (OSError, ValueError, RuntimeError, KeyError) as err:  # missing folder, bad config, no such device
             first = (str(err).strip().splitlines() or [""])[0]
             raise BackendUnavailable(f"hf backend cannot load {name!r} on {device}: {type(err).__name__}: {first}")
