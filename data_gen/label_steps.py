@@ -367,7 +367,7 @@ class LabelStepsWorker:
         from rlhf.data import ImageLoadError
 
         if self.backend is None:
-            self.backend = self.settings.backend.make()
+            self.backend = self.settings.backend.make(continuation=True)
         outcomes: dict[str, dict | Failure] = {}
         tasks, asked = [], []
         for item in items:
@@ -534,7 +534,7 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
     if owned and job.executor == "ray":  # each actor builds its own, where the GPUs are
         backend = None
     elif owned:
-        backend = backend_args.make()
+        backend = backend_args.make(continuation=True)
         if job.workers > 1:  # checked here; each worker process builds its own
             backend.close()
             backend = None

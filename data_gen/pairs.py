@@ -255,7 +255,7 @@ class PairsWorker:
                 ntp += self.dropout_requests(record, group)
         if ntp:
             if self.backend is None:
-                self.backend = self.backend_args.make()
+                self.backend = self.backend_args.make(continuation=True)
             results = self.backend.generate([entry[-1] for entry in ntp])
             for (group, c, chosen, prefix, kept, _), result in zip(ntp, results, strict=True):
                 if not result.ok:
@@ -495,7 +495,7 @@ def run(args: PairsArguments, backend_args: BackendArguments, sampling: DropoutS
                        sorted(systems)[0])
     owned = backend is None  # a backend handed in stays open for its owner
     if owned and job.backend_in_driver and any(wants_dropout(args, r) for r in records):
-        backend = backend_args.make()  # fails at start, one line, when the policy cannot be used
+        backend = backend_args.make(continuation=True)  # fails at start, one line, when the policy cannot be used
     worker = PairsWorker(args, sampling, backend_args, backend)
     try:
         job_summary = run_job(records, worker, job.output_dir, name=GROUPS_NAME, num_shards=job.num_shards,

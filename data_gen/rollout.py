@@ -81,8 +81,9 @@ class BackendArguments:
             kwargs[MODEL_PARAMETER[self.backend]] = self.model
         return kwargs
 
-    def make(self) -> RolloutBackend:
-        """The backend, built and checked (BackendUnavailable, one line, when it cannot be used)."""
+    def make(self, continuation: bool = False) -> RolloutBackend:
+        """The backend, built and checked (BackendUnavailable, one line, when it cannot be used); `continuation`:
+        the job continues partial assistant messages (label-steps, DropoutNTP), checked up front too."""
         from .backends.base import make_backend
 
         try:
@@ -90,6 +91,8 @@ class BackendArguments:
         except TypeError as err:  # a misspelt backend_kwargs key
             raise UserError(f"backend {self.backend!r}: {err}") from None
         backend.check()
+        if continuation:
+            backend.check_continuation()
         return backend
 
 
@@ -394,6 +397,8 @@ class RolloutWorker:
                 outcomes[q.id] = Failure(q.id, f"backend: {result.error}")
                 continue
             outcomes[q.id] = self.record(q, request, result.texts, result.num_generated_tokens)
+            if result.applied is not None:  # what a server was sent after adapting to it
+                outcomes[q.id]["sampling"]["applied"] = result.applied
         return [outcomes[q.id] for q in questions]
 
     def record(self, q: Question, request: GenerationRequest, texts: list[str], tokens: int | None) -> dict:

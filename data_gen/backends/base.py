@@ -121,6 +121,7 @@ class GenerationResult:
     texts: list[str] = field(default_factory=list)
     num_generated_tokens: int | None = None
     error: str | None = None
+    applied: dict | None = None  # server backends: the sampling settings the server was sent and accepted
 
     @property
     def ok(self) -> bool:
@@ -142,6 +143,11 @@ class RolloutBackend(ABC):
     def check(self) -> None:
         """Raise `BackendUnavailable` (one line) when the model or server cannot be reached. Called once before a
         job starts; the default does nothing (a backend that loads its model in `__init__` is already checked)."""
+
+    def check_continuation(self) -> None:
+        """Raise `BackendUnavailable` (one line) when the backend cannot continue a partial assistant message
+        (`GenerationRequest.assistant_prefix`), which label-steps and DropoutNTP need. Called once before such a job
+        starts; the in-process backends always can."""
 
     def close(self) -> None:
         """Release connections, threads or GPU memory. The default does nothing."""

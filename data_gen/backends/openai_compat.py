@@ -8,13 +8,32 @@ A failed attempt is retried with exponential backoff and full jitter (sleep a un
 connection, HTTP 429 or 5xx, or a 200 whose body is not a chat completion ("malformed reply"). Any other HTTP
 status (400, 401, 404, ...) is not retried. After the last attempt the request's result carries the error; the
 batch goes on. Only the standard library is used (no proxy support: point `base_url` at the server itself).
+
+Servers differ; `check()` probes the server once with a one-token request and adapts (one logged line each):
+
+- a sampling field it rejects (HTTP 400/422 naming it: `transformers serve` refuses `top_k`) is left out of every
+  request from then on;
+- when it returns fewer choices than `n` (`transformers serve` returns one), each request of n samples becomes n
+  requests of one, sample j seeded `seed + j`;
+- `check_continuation()` fails up front, one line, when the server refuses `continue_final_message` (label-steps
+  and DropoutNTP continue a partial assistant message; `transformers serve` cannot).
+
+Every result records in `applied` the sampling fields the server was sent (after the adaptation) and those left
+out. A dead server does not cost every remaining item its retries: after `max_connection_failures` refused or
+dropped connections in a row (any request), `GET /models` is tried once; when that fails too, `generate` raises
+BackendUnavailable, which stops the job with one line (finished items stay, a rerun resumes). Error bodies are read
+in OpenAI form (`{"error": {"message": ...}}`) and FastAPI form (`{"detail": "..."}` or a list of
+`{"loc", "msg"}`).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
 import random
+import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +51,13 @@ from .base import (
 )
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # where `vllm serve` listens by default
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "seed", "stop", "max_tokens")
+DROPPABLE_FIELDS = ("top_k", "seed", "stop", "top_p")  # left out, with one logged line, when a server rejects them
+CONTINUATION_FIELDS = ("continue_final_message", "add_generation_prompt")
+PROBE_N = 2
+_SEED_MOD = 2**63
+
+logger = logging.getLogger("mmalign.backends.openai")
 
 
 def backoff_delay(retry: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -49,13 +75,32 @@ class _NotRetryable(Exception):
     pass
 
 
+def _detail_text(detail: object) -> str | None:
+    """FastAPI's `detail`: a string, or a list of pydantic errors {"loc": [...], "msg": ...}."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list) and detail:
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(x) for x in item.get("loc", []) if x != "body")
+                parts.append(f"{loc}: {item.get('msg', '')}".strip(": ") if loc else str(item.get("msg", item)))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return None
+
+
 def _snippet(raw: bytes, limit: int = 200) -> str:
-    """The server's error message when the body is an OpenAI error object, else the start of the body, on one line."""
+    """The server's error message when the body is an OpenAI error object or a FastAPI `detail`, else the start of
+    the body, on one line."""
     text = raw.decode("utf-8", errors="replace")
     try:
         data = json.loads(text)
         err = data.get("error") if isinstance(data, dict) else None
         msg = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
+        if not msg and isinstance(data, dict):
+            msg = _detail_text(data.get("detail"))
         if msg:
             text = str(msg)
     except ValueError:
@@ -104,7 +149,8 @@ class OpenAIBackend(RolloutBackend):
     the backoff jitter and `sleep` waits it out: pass a seeded `random.Random` and a fake sleep in tests.
     `extra_body` is merged into every request body (e.g. {"repetition_penalty": 1.05}); `image_format` is how
     images travel (PNG: exact pixels). A request with an `assistant_prefix` sends it as a final assistant message
-    with vLLM's `continue_final_message`."""
+    with vLLM's `continue_final_message`. `max_connection_failures` refused or dropped connections in a row make
+    `generate` re-check the server and stop the job when it is gone (see the module docstring)."""
 
     def __init__(
         self,
@@ -119,13 +165,15 @@ class OpenAIBackend(RolloutBackend):
         backoff_max_s: float = 8.0,
         image_format: ImageFormat | str = ImageFormat.PNG,
         extra_body: dict | None = None,
+        max_connection_failures: int = 5,
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
         url = urlsplit(base_url.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.hostname:
             raise UserError(f"openai backend: base_url must look like http://HOST:PORT/v1, got {base_url!r}")
-        for name, value, low in (("max_concurrency", max_concurrency, 1), ("max_retries", max_retries, 0)):
+        for name, value, low in (("max_concurrency", max_concurrency, 1), ("max_retries", max_retries, 0),
+                                 ("max_connection_failures", max_connection_failures, 1)):
             if value < low:
                 raise UserError(f"openai backend: {name} must be >= {low}, got {value}")
         if timeout_s <= 0:
@@ -143,6 +191,12 @@ class OpenAIBackend(RolloutBackend):
         self.extra_body = dict(extra_body or {})
         self.rng = rng if rng is not None else random.Random()
         self.sleep = sleep
+        self.max_connection_failures = max_connection_failures
+        self.dropped: set[str] = set()  # sampling fields the server rejects (found by the probe)
+        self.split_n = False  # the server returns fewer than n choices: n requests of one
+        self._lock = threading.Lock()
+        self._connection_failures = 0  # in a row, over every request
+        self._dead: str | None = None  # why the server is considered gone
 
     # -- HTTP -----------------------------------------------------------------------------------------------------
     def _http(self, method: str, route: str, body: bytes | None) -> tuple[int, http.client.HTTPMessage, bytes]:
@@ -183,15 +237,30 @@ class OpenAIBackend(RolloutBackend):
             body["add_generation_prompt"] = False
             body["continue_final_message"] = True
         body.update(self.extra_body)
+        for name in self.dropped:
+            body.pop(name, None)
         return body
 
+    def applied(self, body: dict, requests: int = 1) -> dict:
+        """The sampling settings as the server was sent them (after adaptation), for the output records."""
+        sent = {k: body[k] for k in SAMPLING_FIELDS if k in body}
+        if requests > 1:
+            sent |= {"n": requests, "requests": requests, "n_per_request": 1}
+        return sent | ({"dropped": sorted(self.dropped)} if self.dropped else {})
+
     def _attempt(self, body: bytes, n: int) -> tuple[list[str], int | None]:
+        if self._dead is not None:
+            raise BackendUnavailable(self._dead)
         try:
             status, headers, raw = self._http("POST", "/chat/completions", body)
         except TimeoutError:
             raise _Retryable(f"no reply within {self.timeout_s:g} s") from None
         except (OSError, http.client.HTTPException) as err:
-            raise _Retryable(f"connection failed: {type(err).__name__}: {err}") from None
+            reason = f"connection failed: {type(err).__name__}: {err}"
+            self._connection_failed(reason)
+            raise _Retryable(reason) from None
+        with self._lock:
+            self._connection_failures = 0
         if status == 200:
             return parse_completion(raw, n)
         reason = f"HTTP {status}: {_snippet(raw)}"
@@ -199,19 +268,58 @@ class OpenAIBackend(RolloutBackend):
             raise _Retryable(reason, _retry_after(headers.get("Retry-After")))
         raise _NotRetryable(reason)
 
+    def _connection_failed(self, reason: str) -> None:
+        """Count a refused or dropped connection; at `max_connection_failures` in a row, GET /models once, and mark
+        the server gone (BackendUnavailable) when that fails too."""
+        with self._lock:
+            self._connection_failures += 1
+            if self._connection_failures < self.max_connection_failures or self._dead is not None:
+                return
+            count, self._connection_failures = self._connection_failures, 0
+        try:
+            self._models()
+        except BackendUnavailable as err:
+            with self._lock:
+                self._dead = (f"openai backend: the server stopped answering ({count} connection failures in a row, "
+                              f"last: {reason}; then {err}); finished items are kept, rerun to resume once it is back")
+            raise BackendUnavailable(self._dead) from None
+
     def _generate_one(self, request: GenerationRequest) -> GenerationResult:
         try:
-            body = json.dumps(self.request_body(request)).encode("utf-8")
+            body_dict = self.request_body(request)
         except Exception as err:  # bad placeholders, an unencodable image: this request only
             return GenerationResult.failure(request.id, f"cannot build the request: {err}")
+        n = request.sampling.n
+        if not self.split_n or n == 1:
+            result = self._send(request.id, body_dict, n)
+            result.applied = self.applied(body_dict) if result.ok else None
+            return result
+        texts, tokens = [], 0  # one request per sample, sample j seeded seed + j
+        for j in range(n):
+            one = dict(body_dict, n=1)
+            if "seed" in one:
+                one["seed"] = (one["seed"] + j) % _SEED_MOD
+            result = self._send(request.id, one, 1)
+            if not result.ok:
+                return GenerationResult.failure(request.id, f"sample {j} of {n}: {result.error}")
+            texts += result.texts
+            tokens = None if tokens is None or result.num_generated_tokens is None else \
+                tokens + result.num_generated_tokens
+        return GenerationResult(id=request.id, texts=texts, num_generated_tokens=tokens,
+                                applied=self.applied(body_dict, requests=n))
+
+    def _send(self, request_id: str, body_dict: dict, n: int) -> GenerationResult:
+        body = json.dumps(body_dict).encode("utf-8")
         attempts = self.max_retries + 1
         reason = ""
         for attempt in range(attempts):
             try:
-                texts, tokens = self._attempt(body, request.sampling.n)
-                return GenerationResult(id=request.id, texts=texts, num_generated_tokens=tokens)
+                texts, tokens = self._attempt(body, n)
+                return GenerationResult(id=request_id, texts=texts, num_generated_tokens=tokens)
+            except BackendUnavailable:
+                raise  # the server is gone: the job stops
             except _NotRetryable as err:
-                return GenerationResult.failure(request.id, str(err))
+                return GenerationResult.failure(request_id, str(err))
             except _Retryable as err:
                 reason = str(err)
                 if attempt + 1 < attempts:
@@ -220,9 +328,9 @@ class OpenAIBackend(RolloutBackend):
                         delay = max(delay, min(err.retry_after_s, self.backoff_max_s))
                     self.sleep(delay)
             except Exception as err:  # a bug must not take the batch down; it lands in failures.jsonl
-                return GenerationResult.failure(request.id, f"{type(err).__name__}: {err}")
+                return GenerationResult.failure(request_id, f"{type(err).__name__}: {err}")
         tries = f"{attempts} attempt" + ("s" if attempts > 1 else "")
-        return GenerationResult.failure(request.id, f"{reason} (gave up after {tries})")
+        return GenerationResult.failure(request_id, f"{reason} (gave up after {tries})")
 
     # -- RolloutBackend -------------------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -234,7 +342,83 @@ class OpenAIBackend(RolloutBackend):
 
     def check(self) -> None:
         """GET {base_url}/models once, no retries: BackendUnavailable when the server does not answer, answers
-        with an error, or does not serve `model`."""
+        with an error, or does not serve `model`. Then one probe request, to adapt to what the server accepts."""
+        self._models()
+        self._probe()
+
+    def _post_once(self, body: dict) -> tuple[int, bytes] | None:
+        """One POST without retries; None when the exchange itself failed."""
+        try:
+            status, _, raw = self._http("POST", "/chat/completions", json.dumps(body).encode("utf-8"))
+        except (OSError, http.client.HTTPException):
+            return None
+        return status, raw
+
+    @staticmethod
+    def _named(message: str, names) -> list[str]:
+        return [f for f in names if re.search(rf"(?<![A-Za-z0-9_]){re.escape(f)}(?![A-Za-z0-9_])", message)]
+
+    def _probe(self) -> None:
+        """A one-token request with every sampling field and n=2: drop the fields a 400/422 names, split n when
+        fewer choices come back. A probe that fails otherwise changes nothing (requests go as configured)."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Reply with one word."}],
+                "max_tokens": 1, "n": PROBE_N, "temperature": 1.0, "top_p": 1.0, "top_k": 1, "seed": 0,
+                **self.extra_body}
+        droppable = [*DROPPABLE_FIELDS, *self.extra_body]
+        for _ in range(len(droppable) + 2):
+            reply = self._post_once(body)
+            if reply is None:
+                logger.warning("openai backend: the probe request to %s got no reply; requests go as configured",
+                               self.base_url)
+                return
+            status, raw = reply
+            if status == 200:
+                try:
+                    choices = json.loads(raw).get("choices")
+                except (ValueError, AttributeError):
+                    choices = None
+                if isinstance(choices, list) and 0 < len(choices) < body.get("n", 1):
+                    self.split_n = True
+                    logger.warning("openai backend: %s returned %d choice(s) for n=%d: each sample is its own "
+                                   "request from now on (sample j seeded seed + j)", self.base_url, len(choices),
+                                   body["n"])
+                return
+            message = _snippet(raw, 500)
+            if status in (400, 422) and "n" in self._named(message, ["n"]) and body.get("n", 1) > 1:
+                body["n"] = 1
+                self.split_n = True
+                logger.warning("openai backend: %s refuses n > 1 (HTTP %d: %s): each sample is its own request "
+                               "(sample j seeded seed + j)", self.base_url, status, message)
+                continue
+            rejected = [f for f in self._named(message, droppable) if f in body] if status in (400, 422) else []
+            if not rejected:
+                logger.warning("openai backend: the probe request got HTTP %d (%s); requests go as configured",
+                               status, message)
+                return
+            for name in rejected:
+                body.pop(name)
+                self.dropped.add(name)
+            logger.warning("openai backend: %s rejects %s (HTTP %d: %s): left out of every request", self.base_url,
+                           ", ".join(rejected), status, message)
+
+    def check_continuation(self) -> None:
+        """BackendUnavailable (one line) when the server refuses `continue_final_message`, which continuing a
+        partial assistant message needs (label-steps, DropoutNTP)."""
+        body = {"model": self.model, "max_tokens": 1, "add_generation_prompt": False, "continue_final_message": True,
+                "messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "1, 2,"}]}
+        reply = self._post_once(body)
+        if reply is None or reply[0] == 200:
+            return
+        status, raw = reply
+        message = _snippet(raw, 300)
+        if status in (400, 422) and self._named(message, CONTINUATION_FIELDS):
+            raise BackendUnavailable(
+                f"OpenAI-compatible server at {self.base_url} cannot continue a partial assistant message (HTTP "
+                f"{status}: {message}); label-steps and DropoutNTP need continue_final_message: serve the policy "
+                "with vLLM (README: a local vLLM server) or use --backend hf")
+        logger.warning("openai backend: the continuation probe got HTTP %d (%s); going on", status, message)
+
+    def _models(self) -> None:
         where = f"OpenAI-compatible server at {self.base_url}"
         try:
             status, _, raw = self._http("GET", "/models", None)
