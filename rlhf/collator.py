@@ -45,7 +45,10 @@ def prompt_text(processing_class, question: str, image_paths: list[str], max_pat
 
 
 def record_to_row(record, processing_class, default_max_patches: int = 12, system: str | None = None) -> dict[str, Any]:
-    """Tokenize one `rlhf.data.PreferenceRecord`."""
+    """Tokenize one `rlhf.data.PreferenceRecord`. The record's own system turn (a conversational TRL prompt) wins
+    over `system`, the default for records without one."""
+    own = getattr(record, "system", None)
+    system = own if own is not None else system
     paths = list(record.image_paths)
     max_patches = record.tiles_per_image if paths else 0
     max_patches = max_patches or default_max_patches if paths else 0

@@ -18,7 +18,10 @@ class MPOScriptArguments:
     data: str = field(metadata={"help": "MMPR meta.json, or a TRL preference file (.json/.jsonl/.parquet)."})
     eval_data: str | None = field(default=None, metadata={"help": "Held-out data in the same formats."})
     image_root: str | None = field(default=None, metadata={"help": "Root for relative image paths of a TRL file."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System prompt put before every question."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "System turn of every sample without one: 'internvl2_5' (InternVL2.5/3's default system message, "
+                "what InternVL's MPO training uses; the InternVL recipes set it), any other text as written, or "
+                "''/null for none."})
     repeat_seed: int = field(default=0, metadata={"help": "Seed of the fractional `repeat_time` subsampling."})
 
 
@@ -52,13 +55,15 @@ def prepare_rows(path: str, processing_class, args: MPOConfig, script: MPOScript
 
     from .collator import build_rows
     from .data import split_valid, validate_records
+    from .processing import resolve_system_prompt
 
     records = read_records(path, args, script)
     problems = validate_records(records)
     rejects = Path(args.output_dir) / f"rejects.{split}.jsonl"
     records = split_valid(records, problems, skip_invalid=args.skip_invalid, rejects_path=rejects)
     rows = build_rows(records, processing_class, max_length=args.max_length, on_overflow=args.on_overflow,
-                      rejects_path=rejects, default_max_patches=args.max_dynamic_patch, system=script.system_prompt)
+                      rejects_path=rejects, default_max_patches=args.max_dynamic_patch,
+                      system=resolve_system_prompt(script.system_prompt))
     if not rows:
         raise UserError(f"{path}: no trainable records left after validation")
     logger.info("%s: %d training rows from %s", split, len(rows), path)

@@ -3,8 +3,12 @@
 What it overrides (pinned to trl 1.16, checked by tests/test_trl_pins.py):
 - `_compute_loss` for loss-type lists made of MPO terms: the BCO reward shift δ (dropped by TRL 0.29+) and
   per-term logging. Any other loss-type list goes to TRL's own `_compute_loss` unchanged.
-- `_prepare_dataset` / `_set_signature_columns_if_needed`: rows are tokenized by `rlhf.collator` (InternVL tiling
-  and image-token expansion), so TRL's text tokenization is skipped.
+- `_prepare_dataset` / `_set_signature_columns_if_needed`: a drop-in for DPOTrainer's data sets. TRL preference
+  data (strings or conversations, with or without images) is converted here: with an InternVL processor through
+  `rlhf.data` + `rlhf.collator` (validation, InternVL ChatML, tiling and image-token expansion), text-only with a
+  plain tokenizer through DPOTrainer's own tokenization (token-identical rows). Image data sets, which DPOTrainer
+  does not prepare up front, are converted before its `__init__`.
+- `_compute_loss` also in evaluation: `evaluate()` reports the MPO loss with δ, with or without `compute_metrics`.
 - `train` / `_save_checkpoint`: δ is saved in every checkpoint and restored on resume.
 """
 
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -33,6 +38,7 @@ from . import ref_cache
 from .collator import ROW_COLUMNS, MPOCollator
 from .losses import TERM_METRIC, MPOTerm, reward_shift_stats, update_running_mean
 from .mpo_head import MPOHeadSpec, add_mpo_head
+from .errors import UserError
 from .packing import PackedPairCollator
 from .mpo_config import MPOConfig, RewardShift
 
@@ -40,8 +46,14 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "mpo_state.json"
 
 
+def _is_vision(dataset) -> bool:
+    return "image" in dataset.column_names or "images" in dataset.column_names
+
+
 class MPOTrainer(DPOTrainer):
-    """DPOTrainer for MPO. `train_dataset` is a `datasets.Dataset` of token rows (see `rlhf.data.build_rows`)."""
+    """DPOTrainer for MPO, a drop-in: `train_dataset` / `eval_dataset` are any data set DPOTrainer accepts (TRL's
+    preference formats, with or without images) or token rows of `rlhf.collator.build_rows`; see
+    `_prepare_dataset`."""
 
     _tag_names = ["trl", "mmalign", "mpo"]
     _name = "MPO"
@@ -65,6 +77,14 @@ class MPOTrainer(DPOTrainer):
                 and not args.precompute_ref_log_probs:
             # The reference is a frozen copy of the initial policy (TRL would reload it from the model's path).
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        # DPOTrainer skips `_prepare_dataset` for image data sets (it tokenizes them per batch); rows are built here.
+        if train_dataset is not None and not isinstance(train_dataset, dict) and _is_vision(train_dataset):
+            train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._prepare_dataset(d, processing_class, args, k) if _is_vision(d) else d
+                            for k, d in eval_dataset.items()}
+        elif eval_dataset is not None and _is_vision(eval_dataset):
+            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
         for target in (model, ref_model):  # before TRL's init, which may already run reference passes
             if target is not None:
                 add_mpo_head(target.get_base_model() if is_peft_model(target) else target)
@@ -81,10 +101,53 @@ class MPOTrainer(DPOTrainer):
 
     # -- data -------------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        missing = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids") if c not in dataset.column_names]
-        if missing:
-            raise ValueError(f"{dataset_name} dataset lacks columns {missing}: build it with rlhf.data.build_rows")
-        return dataset
+        """Token rows from any data set DPOTrainer accepts, or the rows themselves (idempotent).
+
+        - rows of `rlhf.collator.build_rows` (prompt_ids / chosen_ids / rejected_ids) are used as they are;
+        - a TRL preference data set (`prompt` / `chosen` / `rejected` strings or conversations, implicit prompt,
+          with or without `images` / `image`) with an InternVL processor: read, validated (every bad row reported,
+          or skipped with `skip_invalid`), formatted as InternVL ChatML with `<image>` expanded to its tiles, as
+          `mmalign mpo` does; in-memory images are written once to OUTPUT_DIR/images/<split>/;
+        - a text-only TRL data set with a plain tokenizer: tokenized by DPOTrainer's own `_prepare_dataset` (chat
+          template for conversations, raw text + EOS otherwise), so rows are token-identical to DPOTrainer's.
+        """
+        columns = dataset.column_names
+        if all(c in columns for c in ("prompt_ids", "chosen_ids", "rejected_ids")):
+            for column, default in (("image_paths", []), ("max_patches", 0), ("source", dataset_name), ("line", 0)):
+                if column not in columns:
+                    dataset = dataset.add_column(column, [default] * len(dataset))
+            return dataset
+        from .collator import build_rows
+        from .data import TRLField, read_preference_dataset, split_valid, validate_records
+        from .processing import InternVLChatProcessor
+
+        vision = TRLField.IMAGES in columns or TRLField.IMAGE in columns
+        if not isinstance(processing_class, InternVLChatProcessor) and not vision:
+            rows = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            return self._prepare_dataset(rows.remove_columns(
+                [c for c in rows.column_names if c not in ("prompt_ids", "chosen_ids", "rejected_ids")]),
+                processing_class, args, dataset_name)
+        records = read_preference_dataset(dataset, name=dataset_name)
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rejects = out / f"rejects.{dataset_name}.jsonl"
+        records = split_valid(records, validate_records(records), skip_invalid=args.skip_invalid,
+                              rejects_path=rejects)
+        for record in records:  # the collator reads pixels from files, per batch
+            if record.images:
+                folder = out / "images" / dataset_name
+                folder.mkdir(parents=True, exist_ok=True)
+                record.image_paths = []
+                for j, image in enumerate(record.images):
+                    path = folder / f"{record.line}_{j}.png"
+                    image.convert("RGB").save(path)
+                    record.image_paths.append(str(path))
+                record.images = []
+        rows = build_rows(records, processing_class, max_length=args.max_length, on_overflow=args.on_overflow,
+                          rejects_path=rejects, default_max_patches=args.max_dynamic_patch)
+        if not rows:
+            raise UserError(f"{dataset_name} dataset: no trainable rows left after validation")
+        return Dataset.from_list(rows)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -158,7 +221,10 @@ class MPOTrainer(DPOTrainer):
         return out["chosen_logps"], out["rejected_logps"]
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if not self._mpo_path or return_outputs:
+        """The MPO loss with δ, in training and in evaluation alike (TRL's `prediction_step` asks for
+        `return_outputs=True` when `compute_metrics` is set: then the outputs' `logits` are the (chosen, rejected)
+        rewards per pair, since neither layout materialises vocabulary logits)."""
+        if not self._mpo_path:
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
         if self.precompute_ref_logps:
@@ -179,6 +245,8 @@ class MPOTrainer(DPOTrainer):
         terms = {TERM_METRIC[MPOTerm(t)]: out[TERM_METRIC[MPOTerm(t)]] for t in self.loss_types}
         self.log_mpo_metrics(mode, terms, deltas[-1] if deltas else 0.0, out["chosen_rewards"],
                              out["rejected_rewards"], out["chosen_logps"], out["rejected_logps"])
+        if return_outputs:
+            return out["loss"], SimpleNamespace(logits=torch.stack([out["chosen_rewards"], out["rejected_rewards"]], 1))
         return out["loss"]
 
     def log_mpo_metrics(self, mode, terms, delta, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):

@@ -29,6 +29,12 @@ from transformers.image_processing_utils import ImageProcessingMixin
 IMAGE_PLACEHOLDER = "<image>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# The default system message of InternVL's `internvl2_5` conversation template (InternVL2.5 and InternVL3): InternVL's
+# fine-tuning, MPO training and inference put it before every conversation that has no system turn. An interface
+# constant, reproduced verbatim; without it token ids differ from InternVL's on every sample.
+INTERNVL_SYSTEM_PROMPT = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+# Named system prompts a recipe may give by name (`system_prompt: internvl2_5`); '' means no system turn.
+SYSTEM_PROMPTS = {"internvl2_5": INTERNVL_SYSTEM_PROMPT}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PROCESSOR_FILE = "mmalign_processor.json"
@@ -132,6 +138,14 @@ class InternVLTileProcessor(ImageProcessingMixin):
         tiles = [t for ts in per_image for t in ts]
         pixel_values = self.to_tensor(tiles) if tiles else torch.zeros(0, 3, self.tile_size, self.tile_size)
         return BatchFeature({"pixel_values": pixel_values, "num_patches": [len(ts) for ts in per_image]})
+
+
+def resolve_system_prompt(value: str | None) -> str | None:
+    """A recipe's `system_prompt`: a name of `SYSTEM_PROMPTS` gives its text, '' or None gives no system turn, any
+    other string is used as written."""
+    if not value:
+        return None
+    return SYSTEM_PROMPTS.get(value, value)
 
 
 def chat_prompt(user: str, system: str | None = None) -> str:
