@@ -22,6 +22,9 @@ class MPOScriptArguments:
         "help": "System turn of every sample without one: 'internvl2_5' (InternVL2.5/3's default system message, "
                 "what InternVL's MPO training uses; the InternVL recipes set it), any other text as written, or "
                 "''/null for none."})
+    drop_path: float = field(default=0.0, metadata={
+        "help": "Stochastic depth on the vision tower, InternViT's linear ramp up to this rate at the last layer "
+                "(rlhf.drop_path); the released InternVL3 MPO runs use 0.1."})
     repeat_seed: int = field(default=0, metadata={"help": "Seed of the fractional `repeat_time` subsampling."})
 
 
@@ -88,6 +91,11 @@ def main(argv: list[str]) -> int:
         seed=args.seed,
         **({"quantization_config": quantization} if quantization is not None else {}),
     )
+    if script.drop_path:
+        from .drop_path import add_vision_drop_path
+
+        if not add_vision_drop_path(model, script.drop_path):
+            logger.info("drop_path %s: the model has no vision tower, nothing to drop", script.drop_path)
     train = prepare_rows(script.data, processing_class, args, script, "train")
     evaluation = prepare_rows(script.eval_data, processing_class, args, script, "eval") if script.eval_data else None
     trainer = MPOTrainer(model, args=args, train_dataset=train, eval_dataset=evaluation,

@@ -67,3 +67,16 @@ def test_overridden_trl_internals_exist():
                       "self._metrics"):
         assert attribute in inspect.getsource(DPOTrainer), attribute
     assert "add_fused_lm_head" in source
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED))
+def test_internvl3_recipes_start_like_the_released_runs(size):
+    # The released InternVL3 MPO runs start from InternVL3-*-Instruct (the SFT checkpoint; InternVL3-* without the
+    # suffix is the model after MPO), build every sample with the internvl2_5 template's default system message and
+    # train with drop_path_rate 0.1 on the vision tower.
+    from rlhf.processing import INTERNVL_SYSTEM_PROMPT, resolve_system_prompt
+
+    recipe = yaml.safe_load((ROOT / f"recipes/mpo/internvl3_{size}.yaml").read_text())
+    assert recipe["model_name_or_path"] == f"OpenGVLab/InternVL3-{size.upper()}-Instruct-hf"
+    assert resolve_system_prompt(recipe["system_prompt"]) == INTERNVL_SYSTEM_PROMPT
+    assert recipe["drop_path"] == 0.1
