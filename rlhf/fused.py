@@ -46,6 +46,7 @@ import torch
 from .losses import TERM_METRIC, MPOTerm, implicit_rewards, mpo_losses
 
 DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_VOCAB_TILE = 8192
 
 
 class FusedBackend(StrEnum):
@@ -130,9 +131,14 @@ class _Tokens:
                 for side, first, last in zip(self.sides, self.offsets, self.offsets[1:])]
 
 
-# -- the torch path: one chunk at a time, in place in one fp32 buffer ---------------------------------------------
+# -- the torch path: one (token chunk x vocabulary tile) block at a time, in place in one fp32 buffer ---------------
+def _vocab_tiles(vocab: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, vocab)) for start in range(0, vocab, size)]
+
+
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """out = h @ W.T (+ b) in fp32; a bf16/fp16 GEMM is rounded once, to the input dtype, like an unfused head."""
+    """out = h @ W.T (+ b) in fp32 (W, b: one vocabulary tile); a bf16/fp16 GEMM is rounded once, to the input
+    dtype, like an unfused head."""
     if h.dtype == torch.float32:
         torch.mm(h, weight.t(), out=out)
     else:
@@ -140,57 +146,85 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     return out if bias is None else out.add_(bias)
 
 
-def _target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(logits)[y] and the row logsumexp. Leaves exp(logits - row max) in `logits`."""
-    target = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    top = logits.amax(dim=1)
-    lse = logits.sub_(top.unsqueeze(1)).exp_().sum(dim=1).log_().add_(top)
-    return target - lse, lse
+def _in_tile(targets: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the tile [start, end) entries that are a row's target."""
+    rows = ((targets >= start) & (targets < end)).nonzero().squeeze(1)
+    return rows, targets[rows] - start
 
 
-def _grad_from_probs(probs: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """dL/dlogits = c * (onehot(y) - softmax), written over `probs`."""
-    grad = probs.mul_(-coef.unsqueeze(1))
-    grad[torch.arange(len(targets), device=grad.device), targets] += coef
-    return grad
-
-
-def _torch_logps(tokens: _Tokens, weight, bias, chunk_tokens: int, buf: torch.Tensor):
-    """Pass 1: every token's log-prob and its row's logsumexp, (N,) each, fp32. The last chunk stays in `buf` as
-    exp(logits - row max), for pass 2 to start from without its GEMM."""
+def _torch_logps(tokens: _Tokens, weight, bias, chunk_tokens: int, vocab_tile: int, buf: torch.Tensor):
+    """Pass 1: every token's log-prob and its row's logsumexp, (N,) each, fp32, and exp(m - lse) of the last
+    chunk's rows, by an online logsumexp over the
+    vocabulary tiles (running row max m, running sum s of exp(logit - m), rescaled by exp(m_old - m_new) when m
+    grows). The last block stays in `buf` as exp(logits - m) with the row's final m, for pass 2 to start from
+    without its GEMM."""
     logps = torch.empty(len(tokens), dtype=torch.float32, device=buf.device)
     lse = torch.empty_like(logps)
+    tiles = _vocab_tiles(weight.size(0), vocab_tile)
+    last_scale = logps[:0]
     for start, end in tokens.chunks(chunk_tokens):
-        logits = _logits(tokens.hidden(start, end), weight, bias, buf[: end - start])
-        logps[start:end], lse[start:end] = _target_logps(logits, tokens.targets[start:end])
-    return logps, lse
+        h, targets = tokens.hidden(start, end), tokens.targets[start:end]
+        target = torch.empty(end - start, dtype=torch.float32, device=buf.device)
+        top = torch.full_like(target, -torch.inf)
+        total = torch.zeros_like(target)
+        for v0, v1 in tiles:
+            logits = _logits(h, weight[v0:v1], None if bias is None else bias[v0:v1], buf[: end - start, : v1 - v0])
+            rows, cols = _in_tile(targets, v0, v1)
+            target[rows] = logits[rows, cols]
+            new_top = torch.maximum(top, logits.amax(dim=1))
+            total.mul_((top - new_top).exp_()).add_(logits.sub_(new_top.unsqueeze(1)).exp_().sum(dim=1))
+            top = new_top
+        last_scale = total.reciprocal()
+        lse[start:end] = total.log_().add_(top)
+        logps[start:end] = target - lse[start:end]
+    return logps, lse, last_scale
 
 
-def _torch_grads(tokens: _Tokens, weight, bias, chunk_tokens: int, buf, lse, coef,
+def _torch_grads(tokens: _Tokens, weight, bias, chunk_tokens: int, vocab_tile: int, buf, lse, last_scale, coef,
                  grad_hidden, grad_weight, grad_bias):
-    """Pass 2: accumulate into grad_hidden (one (B*T, H) per side), grad_weight and grad_bias (fp32) in place.
-    Pass 1's last chunk comes first: its probabilities are still in `buf` (so one chunk needs no recompute)."""
+    """Pass 2: dL/dlogits = c * (onehot(y) - softmax), accumulated into grad_hidden (one (B*T, H) per side),
+    grad_weight and grad_bias (fp32) in place, one block at a time. The dense part is written as
+    -sign(c) * E with E = |c| * softmax = exp(logits - (lse - log|c|)), so a block costs one subtraction and one
+    exp after its GEMM: the row sign goes on the (tokens x H) side of the gradient GEMMs, and the one-hot part is
+    added per token (c * W[y] to grad_hidden, c * h to row y of grad_weight). Pass 1's last block comes first:
+    its exp(logits - m) is still in `buf` (that block needs no recompute); `last_scale` = exp(m - lse) of its rows."""
     chunks = list(tokens.chunks(chunk_tokens))
+    tiles = _vocab_tiles(weight.size(0), vocab_tile)
     for k, (start, end) in enumerate(chunks[-1:] + chunks[:-1]):
-        if not bool(coef[start:end].any()):  # e.g. rejected tokens when only "sft" is on
+        c = coef[start:end]
+        if not bool(c.any()):  # e.g. rejected tokens when only "sft" is on
             continue
-        h = tokens.hidden(start, end)
-        if k == 0:
-            probs = buf[: end - start]
-            probs.div_(probs.sum(dim=1, keepdim=True))
-        else:
-            probs = _logits(h, weight, bias, buf[: end - start]).sub_(lse[start:end].unsqueeze(1)).exp_()
-        grad = _grad_from_probs(probs, tokens.targets[start:end], coef[start:end])
-        if grad_hidden is not None:
-            rows = (grad if weight.dtype == torch.float32 else grad.to(weight.dtype)) @ weight
+        h, targets = tokens.hidden(start, end), tokens.targets[start:end]
+        sign = -c.sign()
+        shift = lse[start:end] - c.abs().log()  # +inf where c = 0: those rows get E = 0
+        signed_h = None if grad_weight is None else h.float().mul(sign.unsqueeze(1))
+        rows_grad = None if grad_hidden is None else torch.zeros((end - start, weight.size(1)), dtype=torch.float32,
+                                                                 device=buf.device)
+        for j, (v0, v1) in enumerate(tiles[-1:] + tiles[:-1]):
+            w, block = weight[v0:v1], buf[: end - start, : v1 - v0]
+            if k == 0 and j == 0:
+                e = block.mul_((c.abs() * last_scale).unsqueeze(1))
+            else:
+                e = _logits(h, w, None if bias is None else bias[v0:v1], block).sub_(shift.unsqueeze(1)).exp_()
+            if rows_grad is not None:
+                if weight.dtype == torch.float32:
+                    rows_grad.addmm_(e, w)
+                else:
+                    rows_grad.add_(e.to(weight.dtype) @ w)
+            if grad_weight is not None:
+                grad_weight[v0:v1].addmm_(e.t(), signed_h)
+            if grad_bias is not None:
+                grad_bias[v0:v1].add_(e.t() @ sign)
+        if grad_weight is not None:
+            grad_weight.index_add_(0, targets, h.float() * c.unsqueeze(1))
+        if grad_bias is not None:
+            grad_bias.index_add_(0, targets, c)
+        if rows_grad is not None:
+            rows_grad.mul_(sign.unsqueeze(1)).add_(weight[targets].float() * c.unsqueeze(1))
             done = 0
             for i, _, index in tokens.parts(start, end):
-                grad_hidden[i][index] = rows[done: done + len(index)]
+                grad_hidden[i][index] = rows_grad[done: done + len(index)].to(grad_hidden[i].dtype)
                 done += len(index)
-        if grad_weight is not None:
-            grad_weight.addmm_(grad.t(), h.float())
-        if grad_bias is not None:
-            grad_bias.add_(grad.sum(dim=0))
 
 
 # -- the Liger path -------------------------------------------------------------------------------------------------
@@ -212,6 +246,7 @@ class _Spec:
     loss_types: tuple[str, ...]
     loss_weights: tuple[float, ...]
     chunk_tokens: int
+    vocab_tile: int
     backend: FusedBackend
     grads: bool  # False under torch.no_grad (evaluation): pass 2 is skipped
 
@@ -244,9 +279,8 @@ class _FusedMPOLoss(torch.autograd.Function):
         if liger:
             logps = _liger_logps(tokens, weight, bias)
         else:
-            buf = torch.empty((min(spec.chunk_tokens, len(tokens)), weight.size(0)), dtype=torch.float32,
-                              device=weight.device)
-            logps, lse = _torch_logps(tokens, weight, bias, spec.chunk_tokens, buf)
+            buf = _buffer(len(tokens), weight, spec.chunk_tokens, spec.vocab_tile)
+            logps, lse, last_scale = _torch_logps(tokens, weight, bias, spec.chunk_tokens, spec.vocab_tile, buf)
         refs = [ref_chosen_logps.detach().float(), ref_rejected_logps.detach().float()]
         total, aux, coefs = _coefficients(tokens.split(logps), [chosen_mask, rejected_mask], refs, delta, spec)
         coef = torch.cat([c.reshape(-1)[side.positions] for c, side in zip(coefs, tokens.sides)])
@@ -268,19 +302,25 @@ class _FusedMPOLoss(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
             grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
             if run and not liger:
-                _torch_grads(tokens, weight, bias, spec.chunk_tokens, buf, lse, coef,
+                _torch_grads(tokens, weight, bias, spec.chunk_tokens, spec.vocab_tile, buf, lse, last_scale, coef,
                              grad_hidden, grad_weight, grad_bias)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         grad_chosen, grad_rejected = (None, None) if not need_hidden else (
             grad_hidden[0].view_as(chosen_hidden), grad_hidden[1].view_as(rejected_hidden))
-        ctx.save_for_backward(grad_chosen, grad_rejected, grad_weight, grad_bias)
+        # Held as an attribute, not saved: backward hands the tensors over and drops this reference, so autograd can
+        # add the tied input embedding's gradient into the weight gradient in place and the optimizer's .grad can
+        # take it over (no second or third V x H copy).
+        ctx.grads = [grad_chosen, grad_rejected, grad_weight, grad_bias]
         ctx.mark_non_differentiable(*aux)
         return (total, *aux)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        grads = list(ctx.saved_tensors)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("fused_mpo_loss: backward ran twice through the same loss (retain_graph); "
+                               "compute the loss again instead")
         if not bool((grad_loss == 1).all()):
             grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
         needs = ctx.needs_input_grad
@@ -289,7 +329,8 @@ class _FusedMPOLoss(torch.autograd.Function):
 
 
 def _check(chosen_hidden, rejected_hidden, lm_weight, chosen_targets, rejected_targets,
-           chosen_mask, rejected_mask, ref_chosen_logps, ref_rejected_logps, loss_types, loss_weights, chunk_tokens):
+           chosen_mask, rejected_mask, ref_chosen_logps, ref_rejected_logps, loss_types, loss_weights, chunk_tokens,
+           vocab_tile):
     batch = chosen_hidden.size(0)
     for name, hidden, targets, mask in (("chosen", chosen_hidden, chosen_targets, chosen_mask),
                                         ("rejected", rejected_hidden, rejected_targets, rejected_mask)):
@@ -311,8 +352,19 @@ def _check(chosen_hidden, rejected_hidden, lm_weight, chosen_targets, rejected_t
     unknown = [t for t in loss_types if t not in {m.value for m in MPOTerm}]
     if unknown:
         raise ValueError(f"loss_types {unknown} are not MPO terms {[m.value for m in MPOTerm]}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check_sizes(chunk_tokens, vocab_tile)
+
+
+def _check_sizes(chunk_tokens: int, vocab_tile: int) -> None:
+    for name, value in (("chunk_tokens", chunk_tokens), ("vocab_tile", vocab_tile)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _buffer(n_tokens: int, weight: torch.Tensor, chunk_tokens: int, vocab_tile: int) -> torch.Tensor:
+    """The one (chunk x tile) fp32 block both passes work in."""
+    return torch.empty((min(chunk_tokens, n_tokens), min(vocab_tile, weight.size(0))), dtype=torch.float32,
+                       device=weight.device)
 
 
 def fused_mpo_loss(
@@ -332,6 +384,7 @@ def fused_mpo_loss(
     loss_types: list[str],
     loss_weights: list[float],
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    vocab_tile: int = DEFAULT_VOCAB_TILE,
     backend: FusedBackend | str = FusedBackend.AUTO,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MPO loss of `rlhf.losses.mpo_losses` straight from completion hidden states and the LM head.
@@ -346,11 +399,11 @@ def fused_mpo_loss(
     Returns the weighted total (fp32) and aux, detached: chosen_logps, rejected_logps (per-sequence sums),
     chosen_rewards, rejected_rewards and each term's unweighted value under its `TERM_METRIC` name."""
     _check(chosen_hidden, rejected_hidden, lm_weight, chosen_targets, rejected_targets, chosen_mask, rejected_mask,
-           ref_chosen_logps, ref_rejected_logps, loss_types, loss_weights, chunk_tokens)
+           ref_chosen_logps, ref_rejected_logps, loss_types, loss_weights, chunk_tokens, vocab_tile)
     if isinstance(delta, torch.Tensor):
         delta = delta.detach().float()
     spec = _Spec(float(beta), tuple(loss_types), tuple(float(w) for w in loss_weights), int(chunk_tokens),
-                 resolve_backend(backend, lm_weight.device), torch.is_grad_enabled())
+                 int(vocab_tile), resolve_backend(backend, lm_weight.device), torch.is_grad_enabled())
     total, *aux = _FusedMPOLoss.apply(
         chosen_hidden, rejected_hidden, lm_weight, lm_bias, chosen_targets, rejected_targets,
         chosen_mask.bool(), rejected_mask.bool(), ref_chosen_logps, ref_rejected_logps, delta, spec)
@@ -367,14 +420,14 @@ def chunked_token_logps(
     targets: torch.Tensor,
     mask: torch.Tensor,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    vocab_tile: int = DEFAULT_VOCAB_TILE,
     backend: FusedBackend | str = FusedBackend.AUTO,
 ) -> torch.Tensor:
     """Per-token log-probs (B, T), fp32, zero at padding, without gradient and with pass 1's math and memory
     bound: for the reference model's log-probs (their sum over T is `ref_*_logps`)."""
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check_sizes(chunk_tokens, vocab_tile)
     tokens = _Tokens([(hidden, targets, mask.bool())])
     if resolve_backend(backend, weight.device) is FusedBackend.LIGER:
         return tokens.split(_liger_logps(tokens, weight, bias))[0]
-    buf = torch.empty((min(chunk_tokens, len(tokens)), weight.size(0)), dtype=torch.float32, device=weight.device)
-    return tokens.split(_torch_logps(tokens, weight, bias, chunk_tokens, buf)[0])[0]
+    buf = _buffer(len(tokens), weight, chunk_tokens, vocab_tile)
+    return tokens.split(_torch_logps(tokens, weight, bias, chunk_tokens, vocab_tile, buf)[0])[0]

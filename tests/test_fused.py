@@ -78,13 +78,15 @@ def leaves(batch, dtype=torch.float32):
 GRAD_KEYS = ["chosen_hidden", "rejected_hidden", "lm_weight", "lm_bias"]
 
 
-def run_both(batch, loss_types, loss_weights, chunk_tokens, delta=DELTA, dtype=torch.float32, backend="torch"):
+def run_both(batch, loss_types, loss_weights, chunk_tokens, delta=DELTA, dtype=torch.float32, backend="torch",
+             vocab_tile=fused.DEFAULT_VOCAB_TILE):
     ours_in, ref_in = leaves(batch, dtype), leaves(batch)
     if dtype != torch.float32:  # the reference sees the same rounded numbers, in fp32
         ref_in = leaves({k: (v.to(dtype).float() if k in GRAD_KEYS and v is not None else v)
                          for k, v in batch.items()})
     loss, aux = fused_mpo_loss(**ours_in, beta=BETA, delta=delta, loss_types=loss_types,
-                               loss_weights=loss_weights, chunk_tokens=chunk_tokens, backend=backend)
+                               loss_weights=loss_weights, chunk_tokens=chunk_tokens, backend=backend,
+                               vocab_tile=vocab_tile)
     loss.backward()
     ref_loss, ref_aux = unfused_mpo(ref_in, loss_types, loss_weights)
     ref_loss.backward()
@@ -141,10 +143,16 @@ def test_worked_example_uniform_head():
     assert bias.grad.tolist() == pytest.approx([-0.0581746, -0.0581746, 0.0349048, 0.0814445], abs=1e-6)
 
 
-@pytest.mark.parametrize("chunk_tokens, bias", [(17, True), (64, False), (4096, True)])
-def test_matches_unfused_fp32(chunk_tokens, bias):
-    # 17 and 64 divide neither side's token count (47+30+12 = 89 chosen, 31+5+19 = 55 rejected); 4096 is one chunk
-    ours, ref = run_both(make_batch(bias=bias), MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, chunk_tokens)
+@pytest.mark.parametrize("chunk_tokens, vocab_tile, bias", [
+    (17, 8192, True), (64, 8192, False), (4096, 8192, True),  # one vocabulary tile (V = 1009)
+    (17, 100, True), (64, 256, False), (4096, 1008, True), (33, 1, True),  # online logsumexp over tiles
+])
+def test_matches_unfused_fp32(chunk_tokens, vocab_tile, bias):
+    # 17 and 64 divide neither side's token count (47+30+12 = 89 chosen, 31+5+19 = 55 rejected); 4096 is one chunk.
+    # Tiles of 100 and 256 leave a short last tile (9 and 241 columns), 1008 a last tile of one column, 1 makes
+    # every column its own tile; the block pass 1 leaves in the buffer is the last chunk's last tile.
+    ours, ref = run_both(make_batch(bias=bias), MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, chunk_tokens,
+                         vocab_tile=vocab_tile)
     assert_all_agree(ours, ref, tol=1e-5)
     # the test is not vacuous: the three terms and the gradients are of ordinary size
     terms = ref[1]
@@ -174,12 +182,14 @@ def test_fully_padded_rows():
     assert not ours[2]["chosen_hidden"][1].any() and not ours[2]["rejected_hidden"][2].any()
 
 
-def test_bf16_within_tolerance():
+@pytest.mark.parametrize("vocab_tile", [8192, 100])
+def test_bf16_within_tolerance(vocab_tile):
     # bf16 inputs: the logits GEMM is rounded to bf16 (|logit| ~ 3 -> ~1e-2 per logit), as in an unfused bf16 head;
     # softmax and accumulation run in fp32. Against fp32 math on the same rounded inputs, measured over seeds 3-8:
     # loss and aux within 4e-3 and gradients (returned in bf16) within 5.5e-3 of each tensor's largest entry.
     # Asserted: 1e-2 and 1.5e-2.
-    ours, ref = run_both(make_batch(seed=3), MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, chunk_tokens=29, dtype=torch.bfloat16)
+    ours, ref = run_both(make_batch(seed=3), MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, chunk_tokens=29, dtype=torch.bfloat16,
+                         vocab_tile=vocab_tile)
     for key, grad in ours[2].items():
         assert grad.dtype == torch.bfloat16, key
     assert_all_agree(ours, ref, tol=1e-2, grad_tol=1.5e-2)
@@ -246,6 +256,7 @@ def test_chunked_token_logps_matches_log_softmax():
     actual = chunked_token_logps(*args, chunk_tokens=13)
     assert actual.shape == (B, T_C) and not actual[~batch["chosen_mask"]].any()
     assert_agree(actual, expected, 1e-6)
+    assert_agree(chunked_token_logps(*args, chunk_tokens=13, vocab_tile=50), expected, 1e-6)
     _, aux = fused_mpo_loss(**batch, beta=BETA, delta=DELTA, loss_types=["sigmoid"], loss_weights=[1.0])
     assert_agree(aux["chosen_logps"], actual.sum(-1), 1e-6)
 
@@ -289,3 +300,44 @@ def test_liger_backend_matches_unfused_under_triton_interpreter():
     errors = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(errors) >= {"loss", "chosen_logps", "chosen_hidden", "lm_weight", "lm_bias"}
     assert max(errors.values()) < 1e-5, errors
+
+
+def test_vocab_tiles_worked_example():
+    # One token, V = 4, W = 0, bias b = [0, ln 2, ln 3, ln 6] (so exp(b) = [1, 2, 3, 6], sum 12), target 3,
+    # vocab_tile = 3: tiles [0, 3) and [3, 4). Online logsumexp: tile 1 max m = ln 3, s = (1 + 2 + 3) / 3 = 2;
+    # tile 2 max ln 6 > m: s = 2 * 3/6 + 1 = 2, m = ln 6, lse = ln 6 + ln 2 = ln 12; log p(3) = ln 6 - ln 12 = -ln 2.
+    # "sft" alone, weight 1: L = -log p = ln 2 = 0.693147, c = dL/dlogp = -1, grad_b = -(onehot(3) - p)
+    # = p - onehot(3) = [1/12, 2/12, 3/12, 6/12 - 1] = [0.083333, 0.166667, 0.25, -0.5].
+    bias = torch.tensor([0.0, math.log(2), math.log(3), math.log(6)], requires_grad=True)
+    weight = torch.zeros(4, 2, requires_grad=True)
+    hidden = torch.ones(1, 1, 2, requires_grad=True)
+    loss, aux = fused_mpo_loss(
+        hidden, torch.zeros(1, 1, 2), weight, bias, torch.tensor([[3]]), torch.tensor([[0]]),
+        torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1), torch.zeros(1),
+        beta=0.1, delta=0.0, loss_types=["sft"], loss_weights=[1.0], chunk_tokens=1, vocab_tile=3, backend="torch")
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert aux["chosen_logps"].item() == pytest.approx(-math.log(2), abs=1e-6)
+    assert bias.grad.tolist() == pytest.approx([1 / 12, 2 / 12, 3 / 12, -0.5], abs=1e-6)
+    # grad_W[v] = grad_b[v] * h = grad_b[v] * [1, 1]; grad_h = Σ_v grad_b[v] W[v] = 0 (W = 0)
+    assert weight.grad[:, 0].tolist() == pytest.approx([1 / 12, 2 / 12, 3 / 12, -0.5], abs=1e-6)
+    assert not hidden.grad.any()
+    assert chunked_token_logps(hidden.detach(), weight.detach(), bias.detach(), torch.tensor([[3]]),
+                               torch.ones(1, 1, dtype=torch.bool), vocab_tile=3).item() == pytest.approx(
+        -math.log(2), abs=1e-6)
+
+
+def test_buffer_is_one_block(monkeypatch):
+    # the torch path's only (tokens x vocabulary)-shaped allocation is the (min(chunk, N) x min(tile, V)) block
+    shapes = []
+    real = fused._buffer
+
+    def spy(*args):
+        buf = real(*args)
+        shapes.append(tuple(buf.shape))
+        return buf
+
+    monkeypatch.setattr(fused, "_buffer", spy)
+    ours, ref = run_both(make_batch(seed=10), MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, chunk_tokens=40, vocab_tile=128)
+    assert shapes == [(40, 128)]
+    assert_all_agree(ours, ref, tol=1e-5)
