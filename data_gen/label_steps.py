@@ -7,10 +7,13 @@ Input (`solutions`): JSON lines, either the rollout job's output (up to `solutio
     {"id", "image" | "images" (optional), "question", "answer", "solution": "step 1\\n\\nstep 2 ..."}
 
 Each solution is split into steps (`reward.steps.segment_steps`: blank lines, even merge above `max_steps`). For
-step i the policy continues the answer `steps[0..i]` joined by blank lines plus one more blank line (the
-`assistant_prefix` of a request with the rollout's prompt), `num_continuations` times. With `step_split` (ours), a
-blank-line step is also cut at each match of that pattern, and a step ending at such a cut is continued from the
-solution text up to the cut (no blank line: the policy finishes the line itself); a continuation is correct
+step i the policy continues the answer `steps[0..i]` joined by blank lines (the `assistant_prefix` of a request with
+the rollout's prompt), `num_continuations` times. `mc_prefix` (`MCPrefix`) says how that prefix ends: `internvl`
+(the default, InternVL's pipeline) with the last step and no separator, so the policy writes what follows itself;
+`blank_line` (ours, mmalign's default before) with one more blank line, so the policy starts the next step. With
+`step_split` (ours), a blank-line step is also cut at each match of that pattern, and a step ending at such a cut is
+continued from the solution text up to the cut in either style (the policy finishes the line itself); a
+continuation is correct
 when the answer extracted from prefix + continuation is judged correct (`reward.verify.judge`). The step's score
 is mc_i = correct / sampled and its label is `+` iff the score > `label_threshold` (published: 0).
 
@@ -27,6 +30,19 @@ Modes (`LabelMode`):
   step and j), so with a backend that honours per-request seeds adaptive gives exactly faithful's labels from fewer
   continuations. Its scores are NOT 16-sample estimates: `num_mc_total` is the number actually sampled and records
   carry `"mc_mode": "adaptive"`; the label still equals `score > label_threshold`.
+- `search` (ours; OmegaPRM's binary search, with adaptive's stopping inside each estimate): under the monotone
+  assumption (once a prefix cannot reach the answer, no longer prefix can), only the first `-` step has to be found.
+  The last step's prefix is the whole solution, so its label is the solution's own verdict, judged without sampling:
+  a correct solution is `+` throughout at no cost; for a wrong one the first `-` step lies in 0..n-1 and is found by
+  a search that samples only the steps it probes. A probe that comes out `-` costs all `num_continuations`, a `+`
+  one often only `first_round`, so each probe splits the candidates unevenly, fewer on the `-` side
+  (`search_split`: for 2 and 16 about 1:4; for equal costs plain bisection). Steps before the first `-` step are
+  `+` and the rest `-`. A `-` step that was not sampled has score 0 and `num_mc_total` 0 (as after an early stop);
+  a `+` step that was not sampled is written as 1 correct of 1: its witness is the solution's own text after it
+  followed by a correct continuation of a later probed step (or, for a correct solution, the solution itself).
+  Records carry `"mc_mode": "search"` and `"searched_steps"` (the probes in order); `num_continuations_sampled`
+  counts only the continuations actually sampled. Where a solution is not
+  monotone the labels differ from faithful's; `benchmarks/label_steps.py` measures how often.
 
 Output in `output_dir` (resuming, sharding, failures.jsonl and summary.json as in `data_gen.workers`; one item =
 one solution, id `{question id}#{response index}`, committed whole or not at all):
@@ -40,7 +56,7 @@ one solution, id `{question id}#{response index}`, committed whole or not at all
                          sample), generated tokens
     label_steps_settings.json   the settings that shape the records; a resumed run must use the same ones
 
-Train soft-label PRMs on the scores of faithful runs only; adaptive scores serve the hard labels. Image paths in the
+Train soft-label PRMs on the scores of faithful runs only; adaptive and search scores serve the hard labels. Image paths in the
 outputs are relative to `output_dir`, where the PRM job looks by default. visualprm.jsonl and label_summary.json are
 written when a run covers the whole input (num_shards 1; rerun with num_shards 1 to merge).
 """
@@ -77,6 +93,14 @@ class LabelMode(StrEnum):
 
     FAITHFUL = "faithful"  # all num_continuations (published)
     ADAPTIVE = "adaptive"  # in rounds, until the label is certain (mmalign's own)
+    SEARCH = "search"  # the first `-` step by search under the monotone assumption, adaptive inside (mmalign's own)
+
+
+class MCPrefix(StrEnum):
+    """How the continued prefix of a step that ends a blank-line piece ends."""
+
+    INTERNVL = "internvl"  # "\n\n".join(steps[0..i]), no separator after the last step (InternVL's pipeline)
+    BLANK_LINE = "blank_line"  # the same plus one blank line: the policy starts the next step (mmalign's own)
 
 
 # -- the Monte Carlo estimate ----------------------------------------------------------------------------------------
@@ -124,9 +148,10 @@ class MCTask:
     steps: list[str] = field(default_factory=list)
     answer: str = ""
     prefixes: list[str] | None = None  # the text continued after each step (default: `step_prefix`)
+    prefix_style: MCPrefix = MCPrefix.INTERNVL  # of the default prefixes
 
     def prefix(self, step: int) -> str:
-        return self.prefixes[step] if self.prefixes is not None else step_prefix(self.steps, step)
+        return self.prefixes[step] if self.prefixes is not None else step_prefix(self.steps, step, self.prefix_style)
 
 
 @dataclass
@@ -139,9 +164,13 @@ class MCResult:
     labels: list[bool]
     num_generated_tokens: int = 0
 
+    searched: list[int] | None = None  # search mode: the steps probed, in order
+
     @property
     def scores(self) -> list[float]:
-        return [c / k if k else 0.0 for c, k in zip(self.correct, self.sampled)]
+        """mc = correct / sampled; a step never sampled scores its label (0.0 after an early stop, 1.0 or 0.0 where
+        search inferred it)."""
+        return [c / k if k else float(label) for c, k, label in zip(self.correct, self.sampled, self.labels)]
 
     @property
     def num_continuations(self) -> int:
@@ -153,12 +182,61 @@ def continuation_seed(base_seed: int, solution_id: str, step: int, index: int) -
     return item_seed(base_seed, solution_id, step, index)
 
 
-def step_prefix(steps: list[str], step: int) -> str:
-    """The answer the policy continues from step `step` (0-based): steps 0..step joined by blank lines, plus the
-    blank line after which the next step starts."""
+def step_prefix(steps: list[str], step: int, style: MCPrefix | str = MCPrefix.INTERNVL) -> str:
+    """The answer the policy continues from step `step` (0-based): steps 0..step joined by blank lines; with
+    `blank_line` also the blank line after which the next step starts."""
     from reward.formats import STEP_SEPARATOR, join_steps
 
-    return join_steps(steps[:step + 1]) + STEP_SEPARATOR
+    return join_steps(steps[:step + 1]) + (STEP_SEPARATOR if MCPrefix(style) is MCPrefix.BLANK_LINE else "")
+
+
+def styled_prefix(prefix: str, style: MCPrefix | str) -> str:
+    """A `reward.steps.Step.prefix` (a blank-line piece's ends with one blank line; a `step_split` cut's at the
+    cut) in `style`: `internvl` drops that blank line."""
+    from reward.formats import STEP_SEPARATOR
+
+    if MCPrefix(style) is MCPrefix.INTERNVL and prefix.endswith(STEP_SEPARATOR):
+        return prefix[: -len(STEP_SEPARATOR)]
+    return prefix
+
+
+def search_split(first_round: int, num_continuations: int) -> float:
+    """The share of the candidates for the first `-` step a search probe leaves on its `-` side: with costs a = a
+    `+` probe's (`first_round`) and b = a `-` probe's (`num_continuations`), the root z of z^a + z^b = 1 gives z^b
+    (the split of unequal-cost search: both outcomes leave equal work per continuation spent). a = b gives 1/2,
+    plain bisection; a = 2, b = 16 gives 0.188."""
+    a, b = max(1, first_round), max(1, num_continuations)
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        z = (lo + hi) / 2
+        lo, hi = (z, hi) if z ** a + z ** b < 1 else (lo, z)
+    return lo ** b
+
+
+class _Search:
+    """The first `-` step f of one solution, by search over its steps: f is in [lo, hi]; `probe` is the step sampled
+    next (None once lo == hi)."""
+
+    __slots__ = ("lo", "hi", "split", "order")
+
+    def __init__(self, n_steps: int, solution_correct: bool, split: float):
+        self.lo, self.hi, self.split, self.order = 0, n_steps if solution_correct else n_steps - 1, split, []
+        if solution_correct:
+            self.lo = n_steps  # the last step is `+`: under the monotone assumption, every step is
+
+    @property
+    def probe(self) -> int | None:
+        if self.lo >= self.hi:
+            return None
+        candidates = self.hi - self.lo + 1  # f = lo .. hi
+        return min(self.hi - 1, self.lo + max(1, round(self.split * candidates)) - 1)
+
+    def update(self, step: int, label: bool) -> None:
+        self.order.append(step)
+        if label:
+            self.lo = step + 1
+        else:
+            self.hi = step
 
 
 class _Cell:
@@ -179,7 +257,7 @@ def _decide(cell: _Cell, s: MCSettings) -> bool | None:
     n = s.num_continuations
     if cell.sampled >= n:
         return hard_label(cell.correct / n, s.label_threshold)
-    if s.mode is LabelMode.ADAPTIVE:
+    if s.mode is not LabelMode.FAITHFUL:
         if hard_label(cell.correct / n, s.label_threshold):
             return True
         if not hard_label((cell.correct + n - cell.sampled) / n, s.label_threshold):
@@ -206,11 +284,18 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
 
     Rounds: each round asks the backend, in one `generate` call, for the next continuations of every step still
     undecided in every task (faithful: all that are left; adaptive: `first_round`, then as many as were drawn so
-    far), one request per continuation (n = 1) seeded by `continuation_seed`."""
+    far; search: the same for the one step each task probes next), one request per continuation (n = 1) seeded by
+    `continuation_seed`."""
     from reward.verify import judge
 
     s = settings
     cells = {t.id: [_Cell() for _ in t.steps] for t in tasks}
+    searches: dict[str, _Search] = {}
+    if s.mode is LabelMode.SEARCH:
+        split = search_split(s.first_round, s.num_continuations)
+        for t in tasks:  # the last prefix is the whole solution: judged as it stands
+            whole = judge(t.prefix(len(t.steps) - 1), t.answer, threshold=s.answer_threshold).correct
+            searches[t.id] = _Search(len(t.steps), whole, split)
     tokens = dict.fromkeys(cells, 0)
     failed: dict[str, str] = {}
     params = s.sampling.params(1)
@@ -219,7 +304,9 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
         for task in tasks:
             if task.id in failed:
                 continue
-            for i in _wanted(cells[task.id], s):
+            wanted = _wanted(cells[task.id], s) if task.id not in searches else [
+                i for i in [searches[task.id].probe] if i is not None]
+            for i in wanted:
                 cell = cells[task.id][i]
                 left = s.num_continuations - cell.sampled
                 prefix = task.prefix(i)
@@ -248,15 +335,20 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
             tokens[task.id] += result.num_generated_tokens or 0
             asked.add((task.id, i))
         for task_id, i in asked:
-            cells[task_id][i].label = _decide(cells[task_id][i], s)
+            label = cells[task_id][i].label = _decide(cells[task_id][i], s)
+            if task_id in searches and label is not None:
+                searches[task_id].update(i, label)
     out: list[MCResult | str] = []
     for task in tasks:
         if task.id in failed:
             out.append(failed[task.id])
             continue
         row = cells[task.id]
-        labels = [bool(c.label) for c in row]  # steps never sampled (early stop) are `-`
-        out.append(MCResult([c.correct for c in row], [c.sampled for c in row], labels, tokens[task.id]))
+        search = searches.get(task.id)
+        # steps never sampled are `-` after an early stop; search labels the steps before its first `-` one `+`
+        labels = [bool(c.label) for c in row] if search is None else [i < search.lo for i in range(len(row))]
+        out.append(MCResult([c.correct for c in row], [c.sampled for c in row], labels, tokens[task.id],
+                            None if search is None else list(search.order)))
     return out
 
 
@@ -348,6 +440,7 @@ class LabelSettings:
     max_steps: int
     backend: BackendArguments
     step_split: str | None = None
+    mc_prefix: MCPrefix = MCPrefix.INTERNVL
 
 
 class LabelStepsWorker:
@@ -382,7 +475,7 @@ class LabelStepsWorker:
                 continue
             tasks.append(MCTask(item.id, build_prompt(item.question.question, item.prompt_template), images,
                                 item.system_prompt, [s.text for s in steps], item.question.answer,
-                                [s.prefix for s in steps]))
+                                [styled_prefix(s.prefix, self.settings.mc_prefix) for s in steps]))
             asked.append(item)
         for item, task, result in zip(asked, tasks, monte_carlo(tasks, self.backend, self.settings.mc), strict=True):
             outcomes[item.id] = Failure(item.id, result) if isinstance(result, str) else self.record(item, task, result)
@@ -392,13 +485,16 @@ class LabelStepsWorker:
         from reward.formats import MCRecord, MCStep
 
         mc = self.settings.mc
-        steps = [MCStep(step, score, c, k)
-                 for step, score, c, k in zip(task.steps, result.scores, result.correct, result.sampled)]
+        steps = [MCStep(step, score, *((1, 1) if k == 0 and label else (c, k)))  # search: a witnessed `+` step
+                 for step, score, c, k, label in zip(task.steps, result.scores, result.correct, result.sampled,
+                                                     result.labels)]
         meta = {"question_id": item.question.id, "solution_index": item.index, "response": item.text,
                 "response_correct": item.correct, "mc_mode": mc.mode.value, "early_stop": mc.early_stop,
                 "num_continuations": mc.num_continuations, "label_threshold": mc.label_threshold,
                 "num_continuations_sampled": result.num_continuations,
-                "num_generated_tokens": result.num_generated_tokens}
+                "num_generated_tokens": result.num_generated_tokens, "mc_prefix": self.settings.mc_prefix.value}
+        if result.searched is not None:
+            meta["searched_steps"] = result.searched
         if self.settings.step_split:
             meta["step_split"] = self.settings.step_split
         question = with_placeholders(item.question.question, len(item.record_images))
@@ -428,10 +524,20 @@ class LabelSummary:
     def line(self) -> str:
         saved = (f" ({self.faithful_continuations / self.continuations_sampled:.1f}x fewer than faithful's "
                  f"{self.faithful_continuations})"
-                 if self.mc_mode == LabelMode.ADAPTIVE and self.continuations_sampled else "")
+                 if self.mc_mode != LabelMode.FAITHFUL and self.continuations_sampled else "")
         return (f"label-steps ({self.mc_mode}): {self.solutions} solutions, {self.steps} steps, "
                 f"{100 * self.positive_share:.1f}% positive, {self.continuations_sampled} continuations sampled"
                 f"{saved}, {self.generated_tokens} generated tokens")
+
+
+def _faithful_steps(record, labels: list[bool]) -> int:
+    """How many steps of the record the faithful mode samples: those sampled here, or for search every step
+    (with early stop, up to the first `-` one)."""
+    if record.meta.get("mc_mode") != LabelMode.SEARCH:
+        return sum(s.num_mc_total > 0 for s in record.steps)  # early stop: up to the first `-` step
+    if record.meta.get("early_stop") and False in labels:
+        return labels.index(False) + 1
+    return len(labels)
 
 
 def write_outputs(output_dir: str | Path) -> LabelSummary:
@@ -451,8 +557,8 @@ def write_outputs(output_dir: str | Path) -> LabelSummary:
         summary.solutions += 1
         summary.steps += len(labels)
         summary.positive_steps += sum(labels)
-        summary.continuations_sampled += sum(s.num_mc_total for s in r.steps)
-        summary.faithful_continuations += r.meta.get("num_continuations", 0) * sum(s.num_mc_total > 0 for s in r.steps)
+        summary.continuations_sampled += r.meta.get("num_continuations_sampled", sum(s.num_mc_total for s in r.steps))
+        summary.faithful_continuations += r.meta.get("num_continuations", 0) * _faithful_steps(r, labels)
         summary.generated_tokens += r.meta.get("num_generated_tokens", 0)
         summary.mc_mode = r.meta.get("mc_mode", summary.mc_mode)
     tmp = output_dir / f"{VISUALPRM_FILE}.tmp"
@@ -480,7 +586,12 @@ class LabelStepsArguments:
                 "'(?<=,)(?= )|(?= and )' for one step per listed value (score with the same pattern)."})
     num_continuations: int = field(default=16, metadata={"help": "Continuations per step (published: 16)."})
     mode: str = field(default=LabelMode.FAITHFUL.value, metadata={"help": f"{', '.join(LabelMode)}: all "
-                      "continuations per step (published), or rounds until the label is certain (ours)."})
+                      "continuations per step (published), rounds until the label is certain (ours), or a search "
+                      "for the first '-' step under the monotone assumption, with adaptive's rounds (ours)."})
+    mc_prefix: str = field(default=MCPrefix.INTERNVL.value, metadata={
+        "help": f"{', '.join(MCPrefix)}: a step's continuation starts right after its text (InternVL's pipeline), "
+                "or after one more blank line (ours; mmalign's default before). step_split cuts end at the cut "
+                "either way."})
     early_stop: bool = field(default=False, metadata={
         "help": "Steps after the first '-' step get score 0 without continuations (the VisualPRM code's default; "
                 "the InternVL3 data turned it off)."})
@@ -499,6 +610,10 @@ class LabelStepsArguments:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.mode = _mode(self.mode).value
+        try:
+            self.mc_prefix = MCPrefix(self.mc_prefix).value
+        except ValueError:
+            raise UserError(f"mc_prefix must be one of {', '.join(MCPrefix)}, got {self.mc_prefix!r}") from None
         compile_step_split(self.step_split)
 
     def mc_settings(self, sampling: SamplingArguments) -> MCSettings:
@@ -523,7 +638,8 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     items = [replace(item, record_images=_record_images(item, output_dir)) for item in items]
-    settings = LabelSettings(args.mc_settings(sampling), args.max_steps, backend_args, args.step_split or None)
+    settings = LabelSettings(args.mc_settings(sampling), args.max_steps, backend_args, args.step_split or None,
+                             MCPrefix(args.mc_prefix))
     where = ("solutions", "image_root", "solutions_per_question")  # which input, not how its records are made
     fingerprint = {k: v for k, v in asdict(args).items() if k not in where} | {"sampling": asdict(sampling)}
     fingerprint["backend"] = {"backend": backend_args.backend, **backend_args.kwargs()}

@@ -1,4 +1,4 @@
-"""label-steps: Monte Carlo step labels (faithful and adaptive), VisualPRM400K output, resuming, bad input.
+"""label-steps: Monte Carlo step labels (faithful, adaptive, search), VisualPRM400K output, resuming, bad input.
 
 Most tests use `FakeBackend`: a continuation answers `\\boxed{7}` (the right answer) or `\\boxed{8}`, decided by its
 request's seed and prefix alone, so every count below can be worked out by hand or recomputed exactly.
@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from data_gen.backends.base import GenerationResult, RolloutBackend
-from data_gen.label_steps import (LabelMode, LabelStepsArguments, MCSettings, MCTask, continuation_seed,
-                                  monte_carlo, read_solutions, run, step_prefix)
+from data_gen.label_steps import (LabelMode, LabelStepsArguments, MCPrefix, MCSettings, MCTask, continuation_seed,
+                                  monte_carlo, read_solutions, run, search_split, step_prefix)
 from data_gen.prompts import build_prompt
 from data_gen.rollout import BackendArguments, JobArguments, SamplingArguments
 from data_gen.workers import FatalJobError, JobInputError
@@ -45,9 +45,10 @@ class FakeBackend(RolloutBackend):
 
 
 def by_step_probability(probabilities):
-    """Correct with probability p[k] for a prefix of k + 1 steps (blank-line separators), decided by the seed."""
+    """Correct with probability p[k] for a prefix of k + 1 steps (blank-line separators, with or without one after
+    the last step), decided by the seed."""
     def correct(seed, prefix):
-        k = min(prefix.count("\n\n") - 1, len(probabilities) - 1)
+        k = min(prefix.rstrip("\n").count("\n\n"), len(probabilities) - 1)
         return (seed % 10_000) / 10_000 < probabilities[k]
     return correct
 
@@ -79,8 +80,11 @@ def test_faithful_scores_and_labels_worked_numbers():
     assert (result.correct, result.sampled) == ([2, 0, 16], [16, 16, 16])
     assert result.scores == [0.125, 0.0, 1.0] and result.labels == [True, False, True]
     assert [len(c) for c in backend.calls] == [48] and result.num_generated_tokens == 48 * 3
+    # InternVL's pipeline continues step i from "\n\n".join(steps[:i + 1]) with nothing after it (the default);
+    # mmalign's earlier prefix adds the blank line before the next step (mc_prefix "blank_line")
     prefixes = sorted({r.assistant_prefix for r in backend.requests})
-    assert prefixes == ["A\n\n", "A\n\nB\n\n", "A\n\nB\n\nC\n\n"] == [step_prefix(STEPS, i) for i in range(3)]
+    assert prefixes == ["A", "A\n\nB", "A\n\nB\n\nC"] == [step_prefix(STEPS, i) for i in range(3)]
+    assert [step_prefix(STEPS, i, "blank_line") for i in range(3)] == ["A\n\n", "A\n\nB\n\n", "A\n\nB\n\nC\n\n"]
     assert all(r.sampling.n == 1 and r.prompt == "What?" for r in backend.requests)
     assert sorted(r.seed for r in backend.requests) == sorted(SEEDS)  # one seed per (step, continuation)
 
@@ -117,7 +121,7 @@ def test_adaptive_reproduces_faithful_exactly(early_stop, threshold):
     tasks = [MCTask(f"q{i}#0", "Q", [], None, split_steps(join_steps([f"s{k}" for k in range(1 + i % 14)]), 12),
                     ANSWER) for i in range(20)]
     runs = {}
-    for mode in LabelMode:
+    for mode in (LabelMode.FAITHFUL, LabelMode.ADAPTIVE):
         backend = FakeBackend(correct)
         runs[mode] = monte_carlo(tasks, backend, settings(mode, early_stop=early_stop, label_threshold=threshold))
     for t, f, a in zip(tasks, runs[LabelMode.FAITHFUL], runs[LabelMode.ADAPTIVE]):
@@ -133,6 +137,91 @@ def test_adaptive_reproduces_faithful_exactly(early_stop, threshold):
     if threshold == 0.0 and not early_stop:
         labels = [label for r in runs[LabelMode.FAITHFUL] for label in r.labels]
         assert 0 < sum(labels) < len(labels)  # both labels occur, so the comparison means something
+
+
+# -- search --------------------------------------------------------------------------------------------------------
+
+# A wrong solution of five steps "A".."E" (no \boxed{} anywhere, so the whole solution is judged wrong without
+# sampling). Correct continuations: step 0 -> j = 3; step 1 -> j = 1; steps 2, 3, 4 -> none (monotone).
+SEARCH_ID, SEARCH_STEPS = "w#0", ["A", "B", "C", "D", "E"]
+SEARCH_PATTERN = {0: {3}, 1: {1}, 2: set(), 3: set(), 4: set()}
+SEARCH_SEEDS = {continuation_seed(0, SEARCH_ID, i, j): (i, j) for i in range(5) for j in range(16)}
+
+
+def search_backend():
+    return FakeBackend(lambda seed, prefix: SEARCH_SEEDS[seed][1] in SEARCH_PATTERN[SEARCH_SEEDS[seed][0]])
+
+
+def test_search_split_worked_numbers():
+    # z^a + z^b = 1: a = b gives z^b = 1/2 (bisection); a = 2, b = 16: z = 0.9045, z^16 = 0.1883 (0.8181 + 0.1883 = 1)
+    assert search_split(16, 16) == pytest.approx(0.5, abs=1e-9)
+    assert search_split(2, 16) == pytest.approx(0.18835, abs=1e-4)
+    # a = 2, b = 4: z^2 = y with y + y^2 = 1, y = (sqrt(5) - 1) / 2 = 0.618, z^4 = y^2 = 0.381966 (golden section)
+    assert search_split(2, 4) == pytest.approx((3 - 5 ** 0.5) / 2, abs=1e-9)
+
+
+def test_search_worked_numbers():
+    backend = search_backend()
+    [result] = monte_carlo([MCTask(SEARCH_ID, "What?", [], None, list(SEARCH_STEPS), ANSWER)], backend,
+                           settings("search", first_round=2))
+    # The whole solution is wrong, so step 4 is `-` unsampled and the first `-` step f is one of 0..4 (5 candidates).
+    # split 0.188 (first_round 2, 16 continuations): probe lo + max(1, round(0.188 x candidates)) - 1
+    #   candidates 0..4: round(0.94) = 1 -> probe step 0: rounds 2 (j 0, 1 wrong), 2 (j 3 correct) -> +, 1 of 4
+    #   candidates 1..4: round(0.75) = 1 -> probe step 1: round 2 (j 1 correct) -> +, 1 of 2
+    #   candidates 2..4: round(0.56) = 1 -> probe step 2: rounds 2, 2, 4, 8 all wrong -> -, f = 2
+    # labels + + - - -, 4 + 2 + 16 = 22 continuations (faithful: 80; adaptive 4 + 2 + 16 x 3 = 54)
+    assert result.searched == [0, 1, 2]
+    assert (result.correct, result.sampled) == ([1, 1, 0, 0, 0], [4, 2, 16, 0, 0]) and result.num_continuations == 22
+    assert result.labels == [True, True, False, False, False]
+    assert result.scores == [0.25, 0.5, 0.0, 0.0, 0.0]
+    assert [len(c) for c in backend.calls] == [2, 2, 2, 2, 2, 4, 8]
+    # the same requests (seeds) as faithful's for the probed steps
+    assert sorted(SEARCH_SEEDS[r.seed] for r in backend.requests) == sorted(
+        (i, j) for i, k in enumerate([4, 2, 16]) for j in range(k))
+    faithful = monte_carlo([MCTask(SEARCH_ID, "What?", [], None, list(SEARCH_STEPS), ANSWER)], search_backend(),
+                           settings("faithful"))[0]
+    assert faithful.labels == result.labels and faithful.num_continuations == 80
+
+
+def test_search_correct_solution_is_positive_without_sampling():
+    # the last prefix is the whole solution; its \boxed{7} is judged correct as it stands, so under the monotone
+    # assumption every step is `+`: no request at all, each step scores its label 1.0 with num_mc_total 0
+    backend = FakeBackend(lambda seed, prefix: False)
+    steps = ["A", "B", f"\\boxed{{{ANSWER}}}"]
+    [result] = monte_carlo([MCTask("c#0", "Q", [], None, steps, ANSWER)], backend, settings("search"))
+    assert backend.calls == [] and result.sampled == [0, 0, 0] and result.searched == []
+    assert result.labels == [True, True, True] and result.scores == [1.0, 1.0, 1.0]
+    # a one-step wrong solution: f = 0 is known, nothing is sampled either
+    [one] = monte_carlo([MCTask("o#0", "Q", [], None, ["\\boxed{8}"], ANSWER)], backend, settings("search"))
+    assert backend.calls == [] and one.labels == [False] and one.scores == [0.0]
+
+
+def test_search_equals_faithful_on_monotone_solutions():
+    """40 wrong solutions of 1..14 steps (the last holds a wrong \\boxed{8}, so a continuation after it is wrong),
+    continuations correct with probability 0.9, 0.6, 0.3, 0.1, 0.02, 0 by step. Where faithful's labels are
+    monotone (+ ... + - ... -), search gives them exactly, from the same seeds; it samples far fewer."""
+    base = by_step_probability([0.9, 0.6, 0.3, 0.1, 0.02, 0.0])
+
+    def correct(seed, prefix):
+        return "boxed" not in prefix and base(seed, prefix)
+
+    tasks = [MCTask(f"m{i}#0", "Q", [], None, [f"s{k}" for k in range(i % 14)] + ["\\boxed{8}"], ANSWER)
+             for i in range(40)]
+    faithful = monte_carlo(tasks, FakeBackend(correct), settings("faithful"))
+    adaptive = monte_carlo(tasks, FakeBackend(correct), settings("adaptive"))
+    search = monte_carlo(tasks, FakeBackend(correct), settings("search"))
+    monotone = 0
+    for t, f, s in zip(tasks, faithful, search):
+        if True not in f.labels[f.labels.index(False):]:
+            monotone += 1
+            assert s.labels == f.labels, t.id
+        for i in s.searched:  # a probed step's counts are adaptive's honest counts of the same seeds
+            reference = [correct(continuation_seed(0, t.id, i, j), t.prefix(i)) for j in range(16)]
+            assert s.correct[i] == sum(reference[:s.sampled[i]])
+    assert monotone >= 38  # a non-monotone estimate needs all 16 wrong at p = 0.3 (0.7^16 = 0.3%) or similar
+    total = {name: sum(r.num_continuations for r in runs)
+             for name, runs in (("faithful", faithful), ("adaptive", adaptive), ("search", search))}
+    assert total["search"] * 3 <= total["adaptive"] < total["faithful"]
 
 
 def test_backend_failure_fails_that_solution_only():
@@ -198,30 +287,38 @@ def test_job_outputs_parse_back_and_match(tmp_path):
     merged = next(r for r in mc if r.id == "q1#0")
     assert [s.step for s in merged.steps] == split_steps(rollout_rows()[1]["responses"][0]["text"], 12)
     assert len(merged.steps) == 7 and merged.steps[0].step == "line 0\n\nline 1" and merged.steps[6].step == "line 12"
-    assert {r.assistant_prefix for r in backend.requests if r.id.startswith("q1#0/step0/")} == {"line 0\n\nline 1\n\n"}
+    assert {r.assistant_prefix for r in backend.requests if r.id.startswith("q1#0/step0/")} == {"line 0\n\nline 1"}
+    assert all(r.meta["mc_prefix"] == "internvl" for r in mc)
     assert all(r.prompt == build_prompt(QUESTION, "plain") and len(r.images) == 1 for r in backend.requests)
     saved = json.loads((out / "label_summary.json").read_text())
     assert saved["steps"] == sum(len(r.steps) for r in mc) and saved["faithful_continuations"] == 16 * saved["steps"]
 
 
-def test_step_split_labels_each_cut_from_the_policys_own_text(tmp_path):
+@pytest.mark.parametrize("mc_prefix", ["internvl", "blank_line"])
+def test_step_split_labels_each_cut_from_the_policys_own_text(tmp_path, mc_prefix):
     text = "The tiles show 3, 4.\n\n3 + 4 = 7.\n\nAnswer: \\boxed{7}"
     rows = [{"id": "q0", "image": "img/a.png", "question": QUESTION, "answer": ANSWER, "prompt_template": "plain",
              "responses": [{"text": text, "correct": True}]}]
     path = write_input(tmp_path, rows)
     # a continuation is correct iff its prefix does not end inside the first line: the cut step is `-`, the rest `+`
     backend = FakeBackend(lambda seed, prefix: not prefix.endswith(","))
-    run(*job_args(path, tmp_path / "out", step_split="(?<=,)(?= )"), backend=backend)
+    run(*job_args(path, tmp_path / "out", step_split="(?<=,)(?= )", mc_prefix=mc_prefix), backend=backend)
     [record] = read_jsonl(tmp_path / "out" / "mc.jsonl", "mc")
     assert [s.step for s in record.steps] == ["The tiles show 3,", "4.", "3 + 4 = 7.", "Answer: \\boxed{7}"]
     assert [s.score for s in record.steps] == [0.0, 1.0, 1.0, 1.0] and record.meta["step_split"] == "(?<=,)(?= )"
     prefixes = {int(r.id.split("/step")[1].split("/")[0]): r.assistant_prefix for r in backend.requests}
-    assert prefixes == {0: "The tiles show 3,", 1: "The tiles show 3, 4.\n\n",
-                        2: "The tiles show 3, 4.\n\n3 + 4 = 7.\n\n", 3: text + "\n\n"}
+    # a cut step continues from the cut in both styles; a step that ends a blank-line piece continues right after
+    # its text (internvl) or after one more blank line (blank_line, what the demo's recipes had before)
+    end = "\n\n" if mc_prefix == "blank_line" else ""
+    assert prefixes == {0: "The tiles show 3,", 1: "The tiles show 3, 4." + end,
+                        2: "The tiles show 3, 4.\n\n3 + 4 = 7." + end, 3: text + end}
+    assert record.meta["mc_prefix"] == mc_prefix
     with pytest.raises(JobInputError, match="other settings.*step_split"):  # not resumed with another split
-        run(*job_args(path, tmp_path / "out"), backend=FakeBackend(lambda seed, prefix: True))
+        run(*job_args(path, tmp_path / "out", mc_prefix=mc_prefix), backend=FakeBackend(lambda seed, prefix: True))
     with pytest.raises(UserError, match="step_split: not a regular expression"):
         job_args(path, tmp_path / "bad", step_split="(")
+    with pytest.raises(UserError, match="mc_prefix must be one of internvl, blank_line"):
+        job_args(path, tmp_path / "bad", mc_prefix="newline")
 
 
 def test_resume_skips_finished_solutions(tmp_path):
@@ -291,3 +388,29 @@ def test_hf_backend_adaptive_equals_faithful(tiny_internvl, tiny_processor):
     f, a = results[LabelMode.FAITHFUL], results[LabelMode.ADAPTIVE]
     assert a.labels == f.labels and all(k_a <= k_f for k_a, k_f in zip(a.sampled, f.sampled))
     assert f.labels[1] and a.sampled[1] == 2  # the last prefix already holds the answer: + from the first round
+
+
+def test_search_job_records_and_summary(tmp_path):
+    # rollout_rows: r0 of each question ends with \boxed{7} (correct: all `+`, nothing sampled); q1's r0 is 13 plain
+    # lines (no answer: wrong) and r1 responses also end with \boxed{7}
+    path = write_input(tmp_path, rollout_rows())
+    backend = FakeBackend(by_step_probability([0.7, 0.4, 0.1, 0.0]))
+    summary, labels = run(*job_args(path, tmp_path / "out", mode="search"), backend=backend)
+    assert summary.succeeded == 6
+    mc = read_jsonl(tmp_path / "out" / "mc.jsonl", "mc")
+    assert all(r.meta["mc_mode"] == "search" and "searched_steps" in r.meta for r in mc)
+    for r in mc:
+        # a probed step has its real counts; an unprobed `+` step is 1 of 1 (its witness), an unprobed `-` one 0 of 0
+        unprobed = [s for i, s in enumerate(r.steps) if i not in r.meta["searched_steps"]]
+        assert all((s.num_mc_correct, s.num_mc_total) in ((1, 1), (0, 0)) for s in unprobed)
+        assert r.meta["num_continuations_sampled"] == sum(r.steps[i].num_mc_total for i in r.meta["searched_steps"])
+        hard = [s.score > 0 for s in r.steps]
+        assert hard == sorted(hard, reverse=True)  # + ... + - ... -
+    wrong = next(r for r in mc if r.id == "q1#0")  # 7 merged steps, first `-` among steps 0..6
+    assert wrong.meta["searched_steps"] and not wrong.steps[-1].score
+    assert all(not r.meta["searched_steps"] and all(s.score == 1.0 for s in r.steps) for r in mc if r.id != "q1#0")
+    # faithful would sample all 16 continuations of every step
+    saved = json.loads((tmp_path / "out" / "label_summary.json").read_text())
+    assert saved["faithful_continuations"] == 16 * saved["steps"]
+    assert saved["continuations_sampled"] == len(backend.requests) < saved["faithful_continuations"]
+    assert "fewer than faithful's" in labels.line()
