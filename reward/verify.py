@@ -5,10 +5,13 @@ Best-of-N evaluation. Reference section 2, "Extract the answer" and "Judge again
 
 - Extract: the content of the last balanced `\\boxed{...}` (or `\\fbox{...}`), else the text after the
   last "Answer:" / "Final answer:".
-- Judge: exact (case-insensitive) match, else the best of symbolic math equivalence, VQA-normalised
-  match, relaxed numeric (5%), multiple-choice letter match, relative numeric (1e-3) and ANLS for text
-  answers (1 - normalised edit distance: the similarity, not the distance the public code returns);
-  correct iff score > 0.9.
+- Judge: exact (case-insensitive) match, else the best of the matchers of the data set's MODE
+  (`AnswerMode`, chosen by name as InternVL does: `mode_for_source`): chart-style sets relaxed numeric (5%)
+  only; docvqa / infographics ANLS (1 - normalised edit distance: the similarity, not the distance the public
+  code returns); SROIE / CLEVR-math / geos / geometry relaxed numeric + VQA + multiple choice + symbolic;
+  every other set, and the default (`math`), VQA + multiple choice + relative numeric (1e-3, InternVL's math
+  score: 19 is not 20) + symbolic. Correct iff score > 0.9. `AnswerMode.ALL` (ours, the judge before the
+  modes) is the best of every matcher, with 5% tolerance on every number.
 
 Every matcher is one entry of `MATCHERS` (name -> function), so a `Verdict` names the matcher that
 decided. All matchers but ANLS score 0 or 1; ANLS gives the graded values in between.
@@ -20,9 +23,11 @@ Decisions worth knowing (each has a test):
 - Percentages: "50%" (or "50\\%") equals both 50 and 0.5. Ground truths write a percentage either way
   ("what percent ..." -> "50", "what fraction ..." -> "0.5"), and a wrong answer that happens to be
   off by exactly a factor of 100 is rare. Two percentages compare as they are.
-- Numbers with a unit ("5 cm", "30^\\circ", "$12") equal the bare number; two different units do not match.
+- Numbers with a unit ("5 cm", "25 km/h", "30^\\circ", "$12") equal the bare number; two different units do not
+  match.
 - Relaxed numeric is the ChartQA rule, |pred - gt| <= 0.05 |gt| (so 4.75 vs 5 is correct, 4.7 is not);
-  gt = 0 needs pred = 0. It applies to integers too, as published.
+  gt = 0 needs pred = 0; a year ("2019") needs the exact answer. It applies to integers too, as published, but
+  only in the modes that include it (relaxed, geometry, all).
 - ANLS applies to text answers only (a letter in the ground truth, no math operators, not an option
   letter) and only when both sides hold the same numbers: "Route 66" vs "Route 67" is a different
   answer, not a typo. Scores with a normalised distance of 0.5 or more are 0 (the usual ANLS tau = 0.5).
@@ -52,6 +57,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 DEFAULT_THRESHOLD = 0.9  # correct iff score > threshold (published)
 RELAXED_TOLERANCE = 0.05  # relaxed numeric: relative error <= 5% (ChartQA)
@@ -71,7 +77,7 @@ NO_MATCH = "no_match"  # Verdict.matcher when every matcher scored 0
 # Extraction
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_RE = re.compile(r"answer\s*:", re.IGNORECASE)  # also finds "Final answer:"
+_ANSWER_RE = re.compile(r"(?:answer|答案)\s*[:：]", re.IGNORECASE)  # also "Final answer:" and InternVL's Chinese "答案:"
 _UNBALANCED = object()
 _BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)
 
@@ -111,7 +117,8 @@ def extract_answer(text: str) -> str | None:
 
     The content of the last balanced `\\boxed{...}` / `\\fbox{...}` (nested braces kept:
     `\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`; a box holding only a box is unwrapped). Without a box,
-    the first non-blank line after the last "Answer:" / "Final answer:" (any case), with markdown
+    the first non-blank line after the last "Answer:" / "Final answer:" (any case) / "答案:" (InternVL's Chinese
+    prompts, half- or full-width colon), with markdown
     bold and trailing periods and whitespace stripped. None when there is neither, when the last box is empty,
     or when it never closes (a truncated response: no fallback to an earlier box or to "Answer:").
     """
@@ -132,7 +139,7 @@ def extract_answer(text: str) -> str | None:
     if last is None:
         return None
     line = text[last.end() :].lstrip().split("\n", 1)[0]
-    line = line.strip().lstrip("*").lstrip().rstrip(" \t\r*.")  # "**Answer:** B." -> "B"
+    line = line.strip().lstrip("*").lstrip().rstrip(" \t\r*.。")  # "**Answer:** B." -> "B"; "答案: 7。" -> "7"
     return line or None
 
 
@@ -251,11 +258,13 @@ _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
 def _vqa_tokens(s: str) -> tuple[str, ...]:
     """VQA normalisation: lower case, punctuation dropped, articles dropped, number words to digits
-    ("twenty one" / "twenty-one" -> "21"), thousands separators dropped."""
+    ("twenty one" / "twenty-one" -> "21"), thousands separators dropped, apostrophes inside words dropped
+    ("don't" / "don’t" / "dont" alike)."""
     out: list[str] = []
     for tok in _VQA_TOKEN_RE.findall(s.casefold().replace("\u2019", "'")):
         if tok in _ARTICLES:
             continue
+        tok = tok.replace("'", "")  # "don't" == "dont", as InternVL's VQA contractions map "dont" to "don't"
         tok = _NUMBER_WORDS.get(tok, tok)
         if _THOUSANDS_RE.match(tok):
             tok = tok.replace(",", "")
@@ -291,7 +300,8 @@ _NUMBER_RE = re.compile(
     r"^(?P<sign>[-+\u2212]?)\s*(?:\\\$|[$\u20ac\u00a3\u00a5])?\s*"
     rf"(?:\\[dt]?frac\{{(?P<fn>{_NUM})\}}\{{(?P<fd>{_NUM})\}}|(?P<n>{_NUM})(?:\s*/\s*(?P<d>{_NUM}))?)"
     r"\s*(?P<pct>\\?%|percent\b|per\s*cent\b)?"
-    r"\s*(?P<unit>\^\s*\{?\s*\\circ\s*\}?|\u00b0|[A-Za-z]{1,12}(?:\^?\{?[23]\}?)?)?$",
+    r"\s*(?P<unit>\^\s*\{?\s*\\circ\s*\}?|\u00b0|[A-Za-z]{1,12}(?:\^?\{?[23]\}?)?"
+    r"(?:\s*/\s*[A-Za-z]{1,12}(?:\^?\{?[23]\}?)?)?)?$",  # "5 cm", "25 km/h", "3 m/s^2"
     re.IGNORECASE,
 )
 _DEGREE_UNITS = {"deg", "degree", "degrees"}
@@ -334,6 +344,8 @@ def _parse_number(s: str) -> _Number | None:
         unit = unit.casefold().replace(" ", "").replace("{", "").replace("}", "").replace("^", "")
         if unit in _DEGREE_UNITS or unit in ("\\circ", "\u00b0"):
             unit = "deg"
+        elif "/" in unit:
+            unit = "/".join(part.strip() for part in unit.split("/"))
         elif unit in _NOT_UNITS or (len(unit) == 1 and unit not in _ONE_LETTER_UNITS):
             return None
     values = (value, value / 100.0) if m["pct"] else (value,)
@@ -359,7 +371,10 @@ def _match_relative_numeric(pred: str, gt: str, options: dict[str, str] | None) 
 
 
 def _match_relaxed_numeric(pred: str, gt: str, options: dict[str, str] | None) -> float:
-    """1 when both are numbers within relative error 5% (ChartQA's relaxed accuracy)."""
+    """1 when both are numbers within relative error 5% (ChartQA's relaxed accuracy). A ground truth that is a
+    year of this century (four characters starting "20") needs the exact answer, as in InternVL's rule."""
+    if len(gt.strip()) == 4 and gt.strip().startswith("20"):
+        return 0.0
     return _numbers_close(pred, gt, RELAXED_TOLERANCE)
 
 
@@ -576,6 +591,57 @@ MATCHERS: dict[str, MatcherFn] = {
 }
 
 
+class AnswerMode(StrEnum):
+    """Which matchers judge an answer; InternVL picks one per data set by its name (`mode_for_source`). Every mode
+    tries the exact (case-insensitive) match first."""
+
+    MATH = "math"  # the default, InternVL's mode for every set not named below: VQA-normalised match, multiple
+    #                choice, its math score (numbers within 1e-3 relative: 19 is not 20) and math-verify
+    EXACT = "exact"  # exact match only
+    RELAXED = "relaxed"  # chart-style sets (chartqa): relaxed numeric accuracy (5% relative) only
+    ANLS = "anls"  # docvqa, infographics: ANLS (the similarity, not the distance InternVL's code returns)
+    GEOMETRY = "geometry"  # SROIE, CLEVR-math, geos, geometry sets: relaxed numeric + VQA + multiple choice + math-verify
+    MULTIPLE_CHOICE = "multiple_choice"  # option letters (and option texts, given `options`) only
+    ALL = "all"  # ours: the best of every matcher (5% numeric tolerance on every number); mmalign's judge before
+    #              the per-set modes, kept for comparison
+
+
+MODE_MATCHERS: dict[AnswerMode, tuple[str, ...]] = {
+    AnswerMode.MATH: ("exact", "multiple_choice", "vqa", "relative_numeric", "symbolic"),
+    AnswerMode.EXACT: ("exact",),
+    AnswerMode.RELAXED: ("exact", "relaxed_numeric"),
+    AnswerMode.ANLS: ("exact", "anls"),
+    AnswerMode.GEOMETRY: ("exact", "multiple_choice", "vqa", "relaxed_numeric", "symbolic"),
+    AnswerMode.MULTIPLE_CHOICE: ("exact", "multiple_choice"),
+    AnswerMode.ALL: tuple(MATCHERS),
+}
+# InternVL's choice by data-set name (its file name): the first row whose keyword is in the name wins; matched
+# case-insensitively here (InternVL matches case-sensitively, so "ChartQA" would fall through to the default there).
+SOURCE_MODES: tuple[tuple[tuple[str, ...], AnswerMode], ...] = (
+    (("chartqa",), AnswerMode.RELAXED),
+    (("docvqa", "infographics"), AnswerMode.ANLS),
+    (("sroie", "clevr_math", "geos", "geometry"), AnswerMode.GEOMETRY),
+)
+
+
+def mode_for_source(name: str | None) -> AnswerMode:
+    """The judging mode InternVL uses for a data set named `name` (e.g. `chartqa_train.jsonl` -> relaxed,
+    `geoqa_plus` -> math); `AnswerMode.MATH` for every other name and for None."""
+    folded = (name or "").casefold()
+    for keywords, mode in SOURCE_MODES:
+        if any(k in folded for k in keywords):
+            return mode
+    return AnswerMode.MATH
+
+
+def answer_mode(value: AnswerMode | str) -> AnswerMode:
+    """`value` as an AnswerMode; ValueError listing the modes otherwise."""
+    try:
+        return AnswerMode(value)
+    except ValueError:
+        raise ValueError(f"answer mode must be one of {', '.join(AnswerMode)}; got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The judgement of one response, as stored in rollout records.
@@ -612,9 +678,12 @@ def judge(
     threshold: float = DEFAULT_THRESHOLD,
     options: Mapping[str, str] | None = None,
     extracted: bool = False,
+    mode: AnswerMode | str = AnswerMode.MATH,
 ) -> Verdict:
     """Extract the answer of `response` (unless `extracted`: then `response` is the answer) and score it
-    against `ground_truth` with the best of `MATCHERS`; correct iff score > `threshold`.
+    against `ground_truth` with the best of the `mode`'s matchers (`MODE_MATCHERS`); correct iff score >
+    `threshold`. The default mode, `math`, has no numeric tolerance beyond 1e-3 relative (19 is not 20), as
+    InternVL judges every set that is not chart-, document- or geometry-style; `mode_for_source` picks by name.
 
     `options` maps option letters to option texts when the question is multiple choice. A ground truth
     holding a `\\boxed{}` is compared by the box's content. Raises ValueError for an empty ground truth,
@@ -623,6 +692,7 @@ def judge(
     """
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0, 1) (scores are at most 1), got {threshold}")
+    matchers = MODE_MATCHERS[answer_mode(mode)]
     gt = _ground_truth(ground_truth)
     opts = _check_options(options)
     if opts and (letter := _mc_letter(gt)) is not None and letter not in opts:
@@ -636,7 +706,8 @@ def judge(
         return Verdict(answer=None, score=0.0, correct=False, matcher=NO_ANSWER)
     best, best_name = 0.0, NO_MATCH
     long_input = len(answer) > MAX_MATCH_CHARS or len(gt) > MAX_MATCH_CHARS
-    for name, fn in MATCHERS.items():
+    for name in matchers:
+        fn = MATCHERS[name]
         if long_input and name != "exact":
             break  # bounded time: only exact comparison for huge strings
         score = fn(answer, gt, opts)
@@ -653,10 +724,11 @@ def answer_score(
     *,
     extracted: bool = False,
     options: Mapping[str, str] | None = None,
+    mode: AnswerMode | str = AnswerMode.MATH,
 ) -> float:
     """Score in [0, 1] of a response (or, with `extracted=True`, of an answer) against the ground truth:
-    the best of `MATCHERS`; 0 when no answer can be extracted."""
-    return judge(response_or_answer, ground_truth, extracted=extracted, options=options).score
+    the best of the `mode`'s matchers; 0 when no answer can be extracted."""
+    return judge(response_or_answer, ground_truth, extracted=extracted, options=options, mode=mode).score
 
 
 def is_correct(
@@ -665,7 +737,8 @@ def is_correct(
     *,
     threshold: float = DEFAULT_THRESHOLD,
     options: Mapping[str, str] | None = None,
+    mode: AnswerMode | str = AnswerMode.MATH,
 ) -> bool:
-    """Whether the answer extracted from `response` is correct: score > `threshold` (0.9 as published);
-    False when the response has no extractable answer."""
-    return judge(response, ground_truth, threshold=threshold, options=options).correct
+    """Whether the answer extracted from `response` is correct under `mode`: score > `threshold` (0.9 as
+    published); False when the response has no extractable answer."""
+    return judge(response, ground_truth, threshold=threshold, options=options, mode=mode).correct

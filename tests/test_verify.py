@@ -14,6 +14,8 @@ import pytest
 from reward import verify as V
 from reward.verify import (
     MATCHERS,
+    AnswerMode,
+    mode_for_source,
     NO_ANSWER,
     NO_MATCH,
     Verdict,
@@ -137,7 +139,8 @@ def test_extract_answer_rejects_non_text():
     ],
 )
 def test_judge_matchers(answer, gt, score, matcher):
-    verdict = judge(answer, gt, extracted=True)
+    # the catalogue of matchers: mode "all" tries every one (the per-data-set modes are tested below)
+    verdict = judge(answer, gt, extracted=True, mode="all")
     assert verdict.score == pytest.approx(score, abs=1e-12)
     assert verdict.matcher == matcher
     assert verdict.answer == answer
@@ -225,10 +228,10 @@ def test_anls_returns_the_similarity_not_the_distance():
 
 def test_threshold_is_strict():
     # 1 edit in 10 characters: ANLS = 1 - 1/10 = 0.9, and correct needs score > 0.9.
-    assert answer_score("abcdefghik", "abcdefghij", extracted=True) == pytest.approx(0.9)
-    assert not is_correct(r"\boxed{abcdefghik}", "abcdefghij")
-    assert is_correct(r"\boxed{abcdefghik}", "abcdefghij", threshold=0.85)
-    assert is_correct(r"\boxed{kitten}", "sitting", threshold=0.5)  # 0.571 > 0.5
+    assert answer_score("abcdefghik", "abcdefghij", extracted=True, mode="anls") == pytest.approx(0.9)
+    assert not is_correct(r"\boxed{abcdefghik}", "abcdefghij", mode="anls")
+    assert is_correct(r"\boxed{abcdefghik}", "abcdefghij", threshold=0.85, mode="anls")
+    assert is_correct(r"\boxed{kitten}", "sitting", threshold=0.5, mode="anls")  # 0.571 > 0.5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,7 +314,7 @@ def test_pathological_huge_strings_return_fast():
     assert judge(huge, "1", extracted=True).score == 0.0  # only the exact matcher for huge strings
     assert judge(huge, huge, extracted=True).matcher == "exact"
     assert judge("(" * 200 + "1" + ")" * 200, "1", extracted=True).score == 0.0  # too long for symbolic
-    assert judge("x" * 900, "x" * 899 + "y", extracted=True).score == pytest.approx(1 - 1 / 900)
+    assert judge("x" * 900, "x" * 899 + "y", extracted=True, mode="all").score == pytest.approx(1 - 1 / 900)
     assert time.perf_counter() - start < 5.0
 
 
@@ -445,3 +448,74 @@ def test_math_verify_expression_parser_is_never_used(monkeypatch):
     monkeypatch.setattr(math_verify.parser, "parse_expr", forbidden)
     for answer, gt, score in SYMBOLIC_CASES + [("1+1", "2", 1.0), ("3*4", "12", 1.0)]:
         assert answer_score(answer, gt, extracted=True) == score
+
+
+# --------------------------------------------------------------------------------------------------
+# Judging modes per data set (issue: answer judging as InternVL selects it by source)
+
+
+@pytest.mark.parametrize("answer, gt", [("19", "20"), ("41", "42"), ("96", "100")])
+def test_math_mode_has_no_numeric_tolerance(answer, gt):
+    # InternVL judges every set that is not chart-, document- or geometry-style with VQA match + multiple choice
+    # + its math score (relative change <= 1e-3) + math-verify: 19 is wrong for 20 (5% off), 96 for 100 (4% off).
+    # Only its chartqa mode (relaxed accuracy, 5%) accepts them.
+    assert not is_correct(rf"\boxed{{{answer}}}", gt)  # default mode: math
+    assert not is_correct(rf"\boxed{{{answer}}}", gt, mode="math")
+    assert is_correct(rf"\boxed{{{answer}}}", gt, mode="relaxed")
+    assert is_correct(rf"\boxed{{{answer}}}", gt, mode="all")  # ours before the modes
+
+
+def test_math_mode_keeps_exact_and_equivalent_numbers():
+    # 1e-3 relative (InternVL's math score): 1000.4 vs 1000 is 4e-4 off, correct; 1/2 vs 0.5 the same number
+    assert is_correct(r"\boxed{1000.4}", "1000") and is_correct(r"\boxed{\frac{1}{2}}", "0.5")
+    assert is_correct(r"\boxed{20}", "20") and not is_correct(r"\boxed{21}", "20")
+
+
+@pytest.mark.parametrize("name, mode", [
+    # InternVL's get_mode: chartqa -> relaxed accuracy only; docvqa / infographics -> ANLS;
+    # SROIE / CLEVR_math / geos / geometry -> relaxed + VQA + multiple choice; anything else -> VQA + MC + math
+    ("chartqa_train", AnswerMode.RELAXED), ("docvqa_val.jsonl", AnswerMode.ANLS),
+    ("infographics_vqa", AnswerMode.ANLS), ("SROIE", AnswerMode.GEOMETRY), ("CLEVR_math_en", AnswerMode.GEOMETRY),
+    ("geos_en", AnswerMode.GEOMETRY), ("geometry3k", AnswerMode.GEOMETRY), ("geoqa_plus", AnswerMode.MATH),
+    ("mavis_math", AnswerMode.MATH), ("tile_sum", AnswerMode.MATH), (None, AnswerMode.MATH),
+])
+def test_mode_for_source(name, mode):
+    assert mode_for_source(name) == mode
+
+
+def test_relaxed_mode_is_numeric_only_and_years_are_exact():
+    # InternVL's chartqa mode scores relaxed accuracy only (non-numbers need the exact string), and a ground truth
+    # of four characters starting "20" (a year) needs the exact answer: 2019 is not 2020 although 0.05% off.
+    assert is_correct(r"\boxed{4.8}", "5", mode="relaxed")
+    assert not is_correct(r"\boxed{two}", "2", mode="relaxed")  # the VQA number word is not in this mode
+    assert not is_correct(r"\boxed{2019}", "2020", mode="relaxed")
+    # (InternVL's math score, 1e-3 relative, does accept 2019 for 2020: 1/2020 = 5e-4; the math mode keeps that)
+    assert is_correct(r"\boxed{2019}", "2020", mode="math")
+    assert is_correct(r"\boxed{2020}", "2020", mode="relaxed")
+
+
+def test_anls_and_multiple_choice_and_exact_modes():
+    assert is_correct(r"\boxed{helo world}", "hello world", mode="anls")  # 1 - 1/11 = 0.909 > 0.9
+    assert not is_correct(r"\boxed{helo world}", "hello world", mode="math")  # no ANLS outside doc sets
+    assert is_correct(r"\boxed{(B)}", "B", mode="multiple_choice")
+    assert not is_correct(r"\boxed{two}", "2", mode="multiple_choice")
+    assert is_correct(r"\boxed{Paris}", "paris", mode="exact") and not is_correct(r"\boxed{Paris.}", "paris",
+                                                                               mode="exact")
+    with pytest.raises(ValueError, match="answer mode must be one of math, exact, relaxed"):
+        is_correct("x", "x", mode="tolerant")
+
+
+@pytest.mark.parametrize("answer, gt", [("25 km/h", "25"), (r"25\text{ km/h}", "25"), ("3 m/s^2", "3"),
+                                        ("dont", "don't"), ("Don’t", "dont"), ("isnt", "isn't")])
+def test_units_and_apostrophes_match_as_in_internvl(answer, gt):
+    # InternVL: math-verify reads "25 km/h" as 25; its VQA normaliser maps "dont" to "don't" (and so on).
+    assert judge(answer, gt, extracted=True).correct
+    assert not judge("26 km/h", "25", extracted=True).correct
+    assert not judge("25 km/h", "25 m/s", extracted=True).correct  # two different units
+
+
+def test_chinese_answer_trigger_is_extracted():
+    # InternVL's Chinese prompt (INSTRUCTION_ZH) asks for "答案: ..."; its parser reads the text after the last one.
+    assert extract_answer("先数一数。\n一共有 7 个。\n答案: 7") == "7"
+    assert extract_answer("推理……\n答案：12。") == "12"  # full-width colon; the full-width full stop is dropped
+    assert is_correct("推理\n答案: 7", "7")
