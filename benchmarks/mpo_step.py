@@ -267,6 +267,7 @@ def run_config(name: str, args) -> dict:
     cmd += ["--small"] if args.small else []
     cmd += ["--threads", str(args.threads)]
     cmd += ["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []
+    cmd += ["--vocab-tile", str(args.vocab_tile)] if args.vocab_tile else []
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                               cwd=Path(__file__).resolve().parents[1])
@@ -357,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads (0: torch's default); one keeps CPU timings steady on a shared machine")
     parser.add_argument("--chunk-tokens", type=int, default=None,
                         help="MPOConfig.loss_chunk_tokens of the fused loss (default: MPOConfig's)")
+    parser.add_argument("--vocab-tile", type=int, default=None,
+                        help="vocabulary columns per block of the fused loss (default: rlhf.fused.DEFAULT_VOCAB_TILE; "
+                             "a value >= the vocabulary holds whole rows, the fused loss before vocabulary tiles)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     parser.add_argument("--from-log", type=Path, metavar="FILE",
                         help="print the table of an earlier run from its output (its JSON lines) and exit")
@@ -368,6 +372,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     shape = SHAPES["small" if args.small else "mmpr"]
     if args.one:
+        if args.vocab_tile:  # this process only: the trainer's fused loss takes the module default
+            import rlhf.fused
+
+            rlhf.fused.DEFAULT_VOCAB_TILE = args.vocab_tile
         print(json.dumps(measure(args.one, shape, args.device, args.warmup, args.steps, args.threads,
                                  args.chunk_tokens)))
         return
