@@ -138,7 +138,7 @@ def parse_job_args(types: tuple, argv: list[str], prog: str) -> tuple:
 def _check_output_dir(args: Any) -> None:
     path = getattr(args, "output_dir", None)
     if isinstance(path, str) and Path(path).exists() and not Path(path).is_dir():
-        raise SettingError("output_dir", "a folder (or a path to create one)", f"{path}, an existing file")
+        raise SettingError("output_dir", "a folder or a path to create one, not an existing file", path)
 
 
 def _finite(value: Any) -> bool:

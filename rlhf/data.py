@@ -755,12 +755,19 @@ def image_problem(path: str | Path) -> str | None:
 
 
 def _image_error(path: str) -> str | None:
-    """Why the image file cannot be used, or None. `verify()` checks structure without decoding all pixels."""
+    """Why the image file cannot be used, or None. `verify()` checks a PNG's chunks and CRCs without decoding; it
+    checks nothing of a JPEG's data, so other formats are decoded too (JPEG at 1/8 scale: every byte is still read,
+    so a truncated file fails here and not in the collator mid-training)."""
     try:
         with Image.open(path) as image:
             image.verify()
             if image.width < 1 or image.height < 1:
                 return f"empty image ({image.width}x{image.height}): {path}"
+            verified_png = image.format == "PNG"
+        if not verified_png:
+            with Image.open(path) as image:
+                image.draft(image.mode, (1, 1))
+                image.load()
     except FileNotFoundError:
         return f"file not found: {path}"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

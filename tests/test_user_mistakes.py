@@ -37,6 +37,14 @@ def truncated_png(path: Path) -> Path:
     return path
 
 
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG (under any name) missing its last bytes: PIL's verify() passes it, decoding fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.effect_noise((28, 28), 60).convert("RGB").save(path, format="JPEG")
+    path.write_bytes(path.read_bytes()[:-2])
+    return path
+
+
 def garbage_png(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not an image\n")
@@ -195,6 +203,19 @@ def mpo_truncated_image(tmp):
 
 
 @case
+def mpo_truncated_jpeg(tmp):
+    meta = mpo_input(tmp, image=truncated_jpeg)
+    return mpo_argv(tmp, data=meta), 2, ["ann.jsonl:1", "image", "image file is truncated"]
+
+
+@case
+def bon_truncated_jpeg(tmp):
+    data = bon_input(tmp)
+    truncated_jpeg(tmp / "data" / "a.png")
+    return bon_argv(tmp, data), 2, [f"{data}:1", "'image'", "image file is truncated"]
+
+
+@case
 def bon_unknown_flag(tmp):
     return bon_argv(tmp, bon_input(tmp), "--aggregaton", "min"), 2, ["command line", "--aggregaton", "unknown flag",
                                                                       "did you mean --aggregation"]
@@ -238,7 +259,7 @@ def _output_file(tmp: Path) -> Path:
 @case
 def output_dir_is_file_bon(tmp):
     argv = bon_argv(tmp, bon_input(tmp)) + ["--output_dir", str(_output_file(tmp))]
-    return argv, 2, ["command line: --output_dir", "a folder", "existing file"]
+    return argv, 2, ["command line: --output_dir", "a folder", "not an existing file", "taken'"]
 
 
 @case
