@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from rlhf.errors import UserError
 
 from .backends.base import BACKENDS, BackendUnavailable, GenerationRequest, RolloutBackend, SamplingParams
-from .prompts import PromptTemplate, build_prompt
+from .prompts import AUTO_SYSTEM, PromptTemplate, build_prompt, rollout_system_prompt
 from .workers import Failure, JobInputError, item_seed
 
 logger = logging.getLogger("mmalign.rollout")
@@ -48,6 +48,7 @@ SETTINGS_FILE = "rollout_settings.json"
 MODEL_PARAMETER = {"hf": "model_name_or_path", "vllm": "model_path", "openai": "model"}
 IMAGE_KEYS = ("image", "images")
 ANSWER_KEYS = ("answer", "answer_gt")
+ANSWER_MODE_AUTO = "auto"  # judging mode by each question's data set name (reward.verify.mode_for_source)
 
 
 # -- settings shared by the data jobs ------------------------------------------------------------------------------
@@ -238,6 +239,13 @@ class Question:
     image_value: str | list[str] | None = None  # as given
     image_root: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None  # the MMPR data set a question of a meta.json came from
+
+    @property
+    def source(self) -> str | None:
+        """The data set name that picks the judging mode: the question's `source` field, else its MMPR data set."""
+        source = self.meta.get("source")
+        return source if isinstance(source, str) and source else self.dataset
 
     @property
     def image_refs(self) -> list[str]:
@@ -338,7 +346,8 @@ def _questions_from_mmpr(path: Path) -> list[Question]:
         questions.append(Question(id=f"{record.source}:{record.line}", question=record.question,
                                   answer=record.answer_gt if (record.answer_gt or "").strip() else None,
                                   image_key="image" if value is not None else None, image_value=value,
-                                  image_root=record.image_root if value is not None else None))
+                                  image_root=record.image_root if value is not None else None,
+                                  dataset=record.source))
     return questions
 
 
@@ -360,6 +369,16 @@ class RolloutSettings:
     reference_key: str | None
     sampling: SamplingArguments
     backend: BackendArguments
+    answer_mode: str = ANSWER_MODE_AUTO
+
+    def mode(self, q: Question) -> str:
+        """The judging mode of question `q`: the setting, or with 'auto' InternVL's mode for its data set's name
+        (the `source` field, or the MMPR data set it came from; `math` when it has none)."""
+        if self.answer_mode != ANSWER_MODE_AUTO:
+            return self.answer_mode
+        from reward.verify import mode_for_source
+
+        return mode_for_source(q.source).value
 
 
 class RolloutWorker:
@@ -408,7 +427,7 @@ class RolloutWorker:
             if q.answer is None:
                 return {"text": text, "answer": extract_answer(text), "correct": None, "score": None,
                         "matcher": None, "num_tokens": n}
-            v = judge(text, q.answer, threshold=self.settings.threshold)
+            v = judge(text, q.answer, threshold=self.settings.threshold, mode=self.settings.mode(q))
             return {"text": text, "answer": v.answer, "correct": v.correct, "score": v.score, "matcher": v.matcher,
                     "num_tokens": n}
 
@@ -450,7 +469,14 @@ class RolloutArguments:
     num_samples: int = field(default=32, metadata={"help": "Responses per question (K)."})
     prompt_template: str = field(default=PromptTemplate.BOXED.value, metadata={
         "help": f"{', '.join(PromptTemplate)}, or a format string with {{question}}."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System prompt of every request."})
+    system_prompt: str | None = field(default=AUTO_SYSTEM, metadata={
+        "help": "System prompt of every request: 'auto' (the model family's default: InternVL's system message for an "
+                "InternVL checkpoint, as InternVL's rollouts; none for other models), 'internvl2_5', any text, or "
+                "''/null for none."})
+    answer_mode: str = field(default=ANSWER_MODE_AUTO, metadata={
+        "help": "How answers are judged: 'auto' (by each question's data set name as InternVL does: chartqa "
+                "relaxed, docvqa/infographics anls, geometry sets geometry, else math) or one of "
+                "math, exact, relaxed, anls, geometry, multiple_choice, all (ours: every matcher, 5% on every number)."})
     threshold: float = field(default=0.9, metadata={"help": "A response is correct iff its score > threshold."})
     reference_key: str | None = field(default=None, metadata={
         "help": "A question field holding a reference solution (e.g. 'solution'): judged and added after the "
@@ -460,6 +486,13 @@ class RolloutArguments:
         if self.num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
         build_prompt("", self.prompt_template)  # one line when the template is neither a name nor has {question}
+        if self.answer_mode != ANSWER_MODE_AUTO:
+            from reward.verify import answer_mode
+
+            try:
+                answer_mode(self.answer_mode)
+            except ValueError as err:
+                raise UserError(f"answer_mode: {err} (or {ANSWER_MODE_AUTO})") from None
 
 
 def run(args: RolloutArguments, backend_args: BackendArguments, sampling: SamplingArguments, job: JobArguments,
@@ -468,8 +501,12 @@ def run(args: RolloutArguments, backend_args: BackendArguments, sampling: Sampli
     from .workers import run_job
 
     questions = read_questions(args.questions, args.image_root)
-    settings = RolloutSettings(args.num_samples, args.prompt_template, args.system_prompt, args.threshold,
-                               args.reference_key, sampling, backend_args)
+    system = rollout_system_prompt(args.system_prompt, backend_args.model)
+    if args.system_prompt == AUTO_SYSTEM:
+        logger.info("system prompt: %s", "none (not an InternVL checkpoint)" if system is None
+                    else "InternVL's default system message (an InternVL checkpoint; system_prompt '' for none)")
+    settings = RolloutSettings(args.num_samples, args.prompt_template, system, args.threshold,
+                               args.reference_key, sampling, backend_args, args.answer_mode)
     fingerprint = asdict(settings)
     fingerprint["backend"] = {"backend": backend_args.backend, **backend_args.kwargs()}
     for key in ("batch_size", "device", "max_concurrency"):  # how it runs, not what it makes

@@ -247,7 +247,7 @@ def test_judging_and_pass_rate_with_a_scripted_backend(tmp_path):
     qfile = tmp_path / "q.jsonl"
     qfile.write_text(json.dumps({"id": 1, "question": "What is 20 + 4?", "answer": "24"}) + "\n"
                      + json.dumps({"id": "open", "question": "Describe it."}) + "\n")
-    # 23 would count as correct (relaxed numeric: within 5% of 24); 30 is 25% off and shares no character
+    # 30 is 25% off and shares no character with 24
     fake = ScriptedBackend(["20 + 4 = 24.\n\nAnswer: \\boxed{24}", "Answer: \\boxed{30}", "I am not sure."])
     job(tmp_path, qfile, backend=fake, num_samples=3, system_prompt="Be careful.")
     first, second = read_jsonl(tmp_path / "out" / "rollouts.jsonl")
@@ -259,6 +259,45 @@ def test_judging_and_pass_rate_with_a_scripted_backend(tmp_path):
     assert [(r["answer"], r["correct"]) for r in second["responses"]] == [("24", None), ("30", None), (None, None)]
     assert [r.system for r in fake.requests] == ["Be careful."] * 2 and "image" not in first
     assert fake.requests[0].seed == item_seed(3, "1") and fake.requests[0].images == []
+
+
+def test_answer_mode_by_data_set_name(tmp_path):
+    # InternVL judges by data set: a chartqa question accepts 23 for 24 (relaxed accuracy, 4.2% off), a math
+    # question does not (its math score allows 1e-3 relative); answer_mode 'all' (ours before) accepts both.
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"id": "c", "question": "Bar height?", "answer": "24", "source": "chartqa_train"})
+                     + "\n" + json.dumps({"id": "m", "question": "What is 20 + 4?", "answer": "24"}) + "\n")
+    fake = ScriptedBackend(["Answer: \\boxed{23}"])
+    job(tmp_path, qfile, backend=fake, num_samples=1)
+    chart, math_q = read_jsonl(tmp_path / "out" / "rollouts.jsonl")
+    assert chart["responses"][0]["correct"] is True and chart["responses"][0]["matcher"] == "relaxed_numeric"
+    assert math_q["responses"][0]["correct"] is False
+    shutil.rmtree(tmp_path / "out")
+    job(tmp_path, qfile, backend=ScriptedBackend(["Answer: \\boxed{23}"]), num_samples=1, answer_mode="all")
+    assert [r["responses"][0]["correct"] for r in read_jsonl(tmp_path / "out" / "rollouts.jsonl")] == [True, True]
+    from rlhf.errors import UserError
+
+    with pytest.raises(UserError, match="answer_mode: answer mode must be one of"):
+        RolloutArguments(questions=str(qfile), answer_mode="lenient")
+
+
+def test_system_prompt_auto_is_internvls_for_internvl_checkpoints(tmp_path):
+    # InternVL's rollouts (lmdeploy, chat template internvl2_5) send its default system message with every request.
+    from data_gen.prompts import family_system_prompt, rollout_system_prompt
+    from rlhf.processing import INTERNVL_SYSTEM_PROMPT
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "internvl"}))
+    assert family_system_prompt(str(folder)) == INTERNVL_SYSTEM_PROMPT
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    assert family_system_prompt(str(folder)) is None
+    assert family_system_prompt("OpenGVLab/InternVL3-8B-Instruct-hf") == INTERNVL_SYSTEM_PROMPT
+    assert family_system_prompt("tiny-internvl") is None  # the embedded tiny models have no such default
+    assert rollout_system_prompt("", "OpenGVLab/InternVL3-8B") is None
+    assert rollout_system_prompt("internvl2_5", None) == INTERNVL_SYSTEM_PROMPT
+    assert rollout_system_prompt("Be brief.", None) == "Be brief."
+    assert RolloutArguments(questions="q").system_prompt == "auto"
 
 
 def test_questions_from_mmpr_and_bad_lines(tmp_path):
