@@ -211,7 +211,8 @@ def run_pending(store, pending: list[tuple[str, Any]], counts, process_fn: Calla
 
     def lost(actor, err: BaseException) -> None:
         """The actor is gone: the batch it was running counts a death, the ones waiting on it go back as they are;
-        a replacement starts. An actor whose __init__ failed (process_fn cannot be unpickled there) stops the job."""
+        a replacement starts while there is work left. An actor whose __init__ failed (process_fn cannot be
+        unpickled there) stops the job."""
         if getattr(err, "actor_init_failed", False):
             raise FatalJobError(_one_line(f"{store.name}: a Ray worker could not start: {err}")) from err
         mine = queued.pop(actor, None)
@@ -238,7 +239,8 @@ def run_pending(store, pending: list[tuple[str, Any]], counts, process_fn: Calla
                            fatal=fatal, report=report)
             else:
                 queue.appendleft(running)
-        start_actor()
+        if queue:  # work is left for a replacement
+            start_actor()
 
     try:
         for _ in range(min(workers, len(batches))):

@@ -35,7 +35,18 @@ def lines_by_id(path: Path) -> list[str]:
 
 # -- the same records as the local executor, on the tiny model -------------------------------------------------------
 
-def test_ray_rollout_and_label_steps_equal_the_local_executor_byte_for_byte(tmp_path, ray_session):
+@pytest.fixture
+def one_torch_thread():
+    """The local runs with 1 torch thread, as each Ray worker has (1 CPU): faster on 2 shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ray_rollout_and_label_steps_equal_the_local_executor_byte_for_byte(tmp_path, ray_session, one_torch_thread):
     from data_gen import label_steps, rollout
     from data_gen.rollout import BackendArguments, JobArguments, SamplingArguments
 
@@ -66,6 +77,41 @@ def test_ray_rollout_and_label_steps_equal_the_local_executor_byte_for_byte(tmp_
     assert (ray / "rollout/rollouts.jsonl").read_bytes() == (local / "rollout/rollouts.jsonl").read_bytes()
     records = [json.loads(line) for line in (local / "rollout/rollouts.jsonl").read_text().splitlines()]
     assert sum(r["num_generated_tokens"] for r in records) > 0
+
+
+# -- failures and fatal errors read as with the local runner --------------------------------------------------------
+
+def flaky(items):
+    """Records, a Failure for id 4, a KeyError at id 7 (after its batch's earlier records were given), a
+    FatalJobError at id 11."""
+    from data_gen.workers import FatalJobError
+
+    for item in items:
+        if item["id"] == 4:
+            yield Failure(4, "four\nlines")
+        elif item["id"] == 7:
+            raise KeyError("seven")
+        elif item["id"] == 11:
+            raise FatalJobError("the server went away")
+        else:
+            yield {"id": item["id"], "x": item["x"]}
+
+
+def test_failures_and_a_fatal_error_read_as_with_the_local_runner(tmp_path, ray_session):
+    from data_gen.workers import FatalJobError
+
+    items = [{"id": i, "x": i} for i in range(11)]  # batches of 3: [6, 7, 8] gives 6, then 7 and 8 fail
+    for executor in ("local", "ray"):
+        run_job(items, flaky, tmp_path / executor, name="r", executor=executor,
+                workers=2 if executor == "ray" else 1, batch_size=3, progress=False)
+    for name in ("r.jsonl", "failures.jsonl"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    failures = [json.loads(line) for line in (tmp_path / "ray" / "failures.jsonl").read_text().splitlines()]
+    assert failures == [{"id": 4, "reason": "four lines"}, {"id": "7", "reason": "KeyError: 'seven'"},
+                        {"id": "8", "reason": "KeyError: 'seven'"}]
+    with pytest.raises(FatalJobError) as raised:
+        run_job([{"id": 11, "x": 11}], flaky, tmp_path / "fatal", name="r", executor="ray", progress=False)
+    assert str(raised.value) == "r: stopped at id '11': the server went away"
 
 
 # -- a killed worker -------------------------------------------------------------------------------------------------
