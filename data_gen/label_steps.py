@@ -315,7 +315,7 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
                     requests.append(GenerationRequest(
                         id=f"{task.id}/step{i}/{j}", prompt=task.prompt, images=task.images, sampling=params,
                         seed=continuation_seed(s.sampling.seed, task.id, i, j), system=task.system,
-                        assistant_prefix=prefix))
+                        assistant_prefix=prefix, group=task.id))  # one failed: the solution fails, skip the rest
                     keys.append((task, i, prefix))
         if not requests:
             break

@@ -159,3 +159,17 @@ def test_a_live_server_after_failures_resets_the_count(strict):
     assert backend._dead is None
     [result] = backend.generate([request()])
     assert result.ok
+
+
+def test_after_one_request_of_a_group_failed_the_rest_is_not_sent(strict):
+    """Four continuations of solution "s" and one of "t", one at a time: the server refuses the first (422, not
+    retried), so the other three of "s" are not sent; "t" is."""
+    backend = client(strict.url, max_concurrency=1)
+    backend.check()  # top_k dropped
+    strict.bodies.clear()
+    requests = [GenerationRequest(id=f"s/{j}", prompt="1 + 2?", assistant_prefix="1 +", group="s") for j in range(4)]
+    requests.append(GenerationRequest(id="t/0", prompt="2 + 2?", group="t"))
+    results = backend.generate(requests)
+    assert results[0].error.startswith("HTTP 422: Unexpected fields in the request")
+    assert [r.error for r in results[1:4]] == ["not sent: another request of 's' failed"] * 3
+    assert results[4].ok and len(strict.bodies) == 2

@@ -84,7 +84,9 @@ class GenerationRequest:
     (with images and no placeholder, `<image>\\n` per image is put in front, as InternVL does). `system` is an
     optional system prompt. `assistant_prefix`, when set, is the start of the answer that the model continues
     (DropoutNTP, Monte Carlo step rollouts); results then hold the continuations only, without the prefix.
-    `seed`, when set, overrides `sampling.seed` for this request (a job derives it from its seed and the id)."""
+    `seed`, when set, overrides `sampling.seed` for this request (a job derives it from its seed and the id).
+    `group` names requests that are useless once one of them failed (the continuations of one solution): a server
+    backend does not send the rest of a group of one `generate` call after a failure."""
 
     id: str
     prompt: str
@@ -93,6 +95,7 @@ class GenerationRequest:
     seed: int | None = None
     system: str | None = None
     assistant_prefix: str | None = None
+    group: str | None = None
 
     @property
     def effective_seed(self) -> int | None:

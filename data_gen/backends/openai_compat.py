@@ -284,7 +284,16 @@ class OpenAIBackend(RolloutBackend):
                               f"last: {reason}; then {err}); finished items are kept, rerun to resume once it is back")
             raise BackendUnavailable(self._dead) from None
 
-    def _generate_one(self, request: GenerationRequest) -> GenerationResult:
+    def _generate_one(self, request: GenerationRequest, failed_groups: set[str] | None = None) -> GenerationResult:
+        if failed_groups is not None and request.group is not None and request.group in failed_groups:
+            return GenerationResult.failure(request.id, f"not sent: another request of {request.group!r} failed")
+        result = self._generate_ungrouped(request)
+        if not result.ok and failed_groups is not None and request.group is not None:
+            with self._lock:
+                failed_groups.add(request.group)
+        return result
+
+    def _generate_ungrouped(self, request: GenerationRequest) -> GenerationResult:
         try:
             body_dict = self.request_body(request)
         except Exception as err:  # bad placeholders, an unencodable image: this request only
@@ -337,8 +346,9 @@ class OpenAIBackend(RolloutBackend):
         if not requests:
             return []
         workers = min(self.max_concurrency, len(requests))
+        failed_groups: set[str] = set()  # groups with a failed request: their other requests are not sent
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-backend") as pool:
-            return list(pool.map(self._generate_one, requests))
+            return list(pool.map(lambda r: self._generate_one(r, failed_groups), requests))
 
     def check(self) -> None:
         """GET {base_url}/models once, no retries: BackendUnavailable when the server does not answer, answers
