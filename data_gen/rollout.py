@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from rlhf.errors import UserError
 
 from .backends.base import BACKENDS, BackendUnavailable, GenerationRequest, RolloutBackend, SamplingParams
-from .prompts import AUTO_SYSTEM, PromptTemplate, build_prompt, rollout_system_prompt
+from .prompts import AUTO_SYSTEM, PromptTemplate, build_prompt, is_boxed_template, rollout_system_prompt
 from .workers import Failure, JobInputError, item_seed
 
 logger = logging.getLogger("mmalign.rollout")
@@ -49,6 +49,8 @@ MODEL_PARAMETER = {"hf": "model_name_or_path", "vllm": "model_path", "openai": "
 IMAGE_KEYS = ("image", "images")
 ANSWER_KEYS = ("answer", "answer_gt")
 ANSWER_MODE_AUTO = "auto"  # judging mode by each question's data set name (reward.verify.mode_for_source)
+UNBOXED_JUDGE_WHOLE = "judge_whole"  # InternVL: under a boxed prompt, a response without a box is judged whole
+UNBOXED = (UNBOXED_JUDGE_WHOLE, "format_negative")
 
 
 # -- settings shared by the data jobs ------------------------------------------------------------------------------
@@ -370,6 +372,7 @@ class RolloutSettings:
     sampling: SamplingArguments
     backend: BackendArguments
     answer_mode: str = ANSWER_MODE_AUTO
+    unboxed: str = "judge_whole"
 
     def mode(self, q: Question) -> str:
         """The judging mode of question `q`: the setting, or with 'auto' InternVL's mode for its data set's name
@@ -420,6 +423,18 @@ class RolloutWorker:
                 outcomes[q.id]["sampling"]["applied"] = result.applied
         return [outcomes[q.id] for q in questions]
 
+    def judge(self, text: str, answer: str, mode: str):
+        """The verdict of one response. Under a boxed prompt a response without a (closed) `\\boxed{}` is judged
+        as a whole, as InternVL's pipeline does (`unboxed: judge_whole`), so it is a wrong answer, not a format
+        negative; `unboxed: format_negative` (ours) falls back to an "Answer:" line and else leaves no answer."""
+        from reward.verify import boxed_answer, judge
+
+        s = self.settings
+        if s.unboxed == UNBOXED_JUDGE_WHOLE and is_boxed_template(s.prompt_template) and boxed_answer(text) is None \
+                and text.strip():
+            return judge(text, answer, threshold=s.threshold, mode=mode, extracted=True)
+        return judge(text, answer, threshold=s.threshold, mode=mode)
+
     def record(self, q: Question, request: GenerationRequest, texts: list[str], tokens: int | None) -> dict:
         from reward.verify import extract_answer, judge
 
@@ -427,7 +442,7 @@ class RolloutWorker:
             if q.answer is None:
                 return {"text": text, "answer": extract_answer(text), "correct": None, "score": None,
                         "matcher": None, "num_tokens": n}
-            v = judge(text, q.answer, threshold=self.settings.threshold, mode=self.settings.mode(q))
+            v = self.judge(text, q.answer, self.settings.mode(q))
             return {"text": text, "answer": v.answer, "correct": v.correct, "score": v.score, "matcher": v.matcher,
                     "num_tokens": n}
 
@@ -473,6 +488,10 @@ class RolloutArguments:
         "help": "System prompt of every request: 'auto' (the model family's default: InternVL's system message for an "
                 "InternVL checkpoint, as InternVL's rollouts; none for other models), 'internvl2_5', any text, or "
                 "''/null for none."})
+    unboxed: str = field(default=UNBOXED_JUDGE_WHOLE, metadata={
+        "help": "Under a boxed prompt, a response without \\boxed{}: judge_whole (InternVL: the whole response is "
+                "the answer, so it is a wrong answer) or format_negative (ours: an 'Answer:' line, else no answer, a "
+                "format negative for the pairs job)."})
     answer_mode: str = field(default=ANSWER_MODE_AUTO, metadata={
         "help": "How answers are judged: 'auto' (by each question's data set name as InternVL does: chartqa "
                 "relaxed, docvqa/infographics anls, geometry sets geometry, else math) or one of "
@@ -486,6 +505,8 @@ class RolloutArguments:
         if self.num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
         build_prompt("", self.prompt_template)  # one line when the template is neither a name nor has {question}
+        if self.unboxed not in UNBOXED:
+            raise UserError(f"unboxed must be one of {', '.join(UNBOXED)}, got {self.unboxed!r}")
         if self.answer_mode != ANSWER_MODE_AUTO:
             from reward.verify import answer_mode
 
@@ -506,7 +527,7 @@ def run(args: RolloutArguments, backend_args: BackendArguments, sampling: Sampli
         logger.info("system prompt: %s", "none (not an InternVL checkpoint)" if system is None
                     else "InternVL's default system message (an InternVL checkpoint; system_prompt '' for none)")
     settings = RolloutSettings(args.num_samples, args.prompt_template, system, args.threshold,
-                               args.reference_key, sampling, backend_args, args.answer_mode)
+                               args.reference_key, sampling, backend_args, args.answer_mode, args.unboxed)
     fingerprint = asdict(settings)
     fingerprint["backend"] = {"backend": backend_args.backend, **backend_args.kwargs()}
     for key in ("batch_size", "device", "max_concurrency"):  # how it runs, not what it makes

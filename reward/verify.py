@@ -143,6 +143,15 @@ def extract_answer(text: str) -> str | None:
     return line or None
 
 
+def boxed_answer(text: str) -> str | None:
+    """The content of the last balanced, non-empty `\\boxed{...}` (as `extract_answer` reads it), or None when the
+    text has no box or its last box never closes. No fallback to "Answer:" lines."""
+    box = _last_box(text)
+    if box is None or box is _UNBALANCED:
+        return None
+    return extract_answer(text)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Shared normalisation
 

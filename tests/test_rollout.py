@@ -249,7 +249,7 @@ def test_judging_and_pass_rate_with_a_scripted_backend(tmp_path):
                      + json.dumps({"id": "open", "question": "Describe it."}) + "\n")
     # 30 is 25% off and shares no character with 24
     fake = ScriptedBackend(["20 + 4 = 24.\n\nAnswer: \\boxed{24}", "Answer: \\boxed{30}", "I am not sure."])
-    job(tmp_path, qfile, backend=fake, num_samples=3, system_prompt="Be careful.")
+    job(tmp_path, qfile, backend=fake, num_samples=3, system_prompt="Be careful.", unboxed="format_negative")
     first, second = read_jsonl(tmp_path / "out" / "rollouts.jsonl")
     assert [(r["answer"], r["correct"], r["score"], r["matcher"]) for r in first["responses"]] == [
         ("24", True, 1.0, "exact"), ("30", False, 0.0, "no_match"), (None, False, 0.0, "no_answer")]
@@ -259,6 +259,41 @@ def test_judging_and_pass_rate_with_a_scripted_backend(tmp_path):
     assert [(r["answer"], r["correct"]) for r in second["responses"]] == [("24", None), ("30", None), (None, None)]
     assert [r.system for r in fake.requests] == ["Be careful."] * 2 and "image" not in first
     assert fake.requests[0].seed == item_seed(3, "1") and fake.requests[0].images == []
+
+
+def test_unboxed_response_under_the_boxed_prompt_is_judged_whole(tmp_path):
+    # InternVL (prompt version en_v2, the boxed prompt): extract_answer_from_box returns the whole response when it
+    # has no \boxed{} (or an unclosed one), and that is judged against the answer: a wrong answer, not a format
+    # negative. "The answer is 24" is not "24" (no exact, VQA or numeric match); a bare "24" is correct.
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"id": 1, "question": "What is 20 + 4?", "answer": "24"}) + "\n")
+    texts = ["The answer is 24", "24", "Answer: \\boxed{24", "Answer: \\boxed{24}"]
+    job(tmp_path, qfile, backend=ScriptedBackend(texts), num_samples=4)
+    (record,) = read_jsonl(tmp_path / "out" / "rollouts.jsonl")
+    assert [(r["answer"], r["correct"]) for r in record["responses"]] == [
+        ("The answer is 24", False), ("24", True), ("Answer: \\boxed{24", False), ("24", True)]
+    from data_gen.pairs import group_responses
+
+    correct, wrong, unparseable, _ = group_responses(record["responses"])
+    assert (correct, wrong, unparseable) == ([1, 3], [0, 2], [])  # no format negatives under the boxed prompt
+    shutil.rmtree(tmp_path / "out")
+    job(tmp_path, qfile, backend=ScriptedBackend(texts), num_samples=4, unboxed="format_negative")  # ours
+    (record,) = read_jsonl(tmp_path / "out" / "rollouts.jsonl")
+    assert [r["answer"] for r in record["responses"]] == [None, None, None, "24"]
+
+
+def test_prompt_templates_are_internvls_verbatim():
+    # InternVL's INSTRUCTION_BOXED_EN / INSTRUCTION_EN / INSTRUCTION_ZH, as its pipeline formats them
+    boxed = build_prompt("Q?", "boxed")
+    assert boxed.startswith("Q?\nAnswer the preceding question. The last line of your response should follow this "
+                            "format: 'Answer: \\boxed{$FINAL_ANSWER}' (without quotes)")
+    assert "Avoid repeating steps indefinitely\u2014provide your best guess even if unsure." in boxed
+    assert boxed.endswith("considering all relevant information before answering.")
+    assert build_prompt("Q?", "final_answer") == (
+        "Your task is to answer the question below. Give step by step reasoning before you answer, and when you're "
+        "ready to answer, please use the format \"Final answer: ..\"\n\nQuestion:\n\nQ?")
+    assert build_prompt("Q?", "final_answer_zh").endswith("\"答案: ...\"\n\n问题:\n\nQ?")
+    assert "blank lines" in build_prompt("Q?", "boxed_steps") and "blank lines" not in boxed  # ours, by name
 
 
 def test_answer_mode_by_data_set_name(tmp_path):
