@@ -24,6 +24,12 @@ instead. For each policy, with the same seeds:
    assumption fails) and what search gets right on them, and agreement with the task's exact step truth;
 3. (first policy only) hf backend throughput on 64 continuation requests: one `generate` call with `--batch_size`
    rows vs one call per request (items/s, tokens/s), and whether the texts are identical.
+
+`--backend vllm` (a GPU machine; `benchmarks/gpu.py` runs it) labels with vLLM's offline engine instead, once per
+`--prefix_caching` setting (the continuations of one solution share the image, the question and the step prefix,
+so vLLM's automatic prefix caching can reuse their KV cache): the tables then carry one block per setting, and the
+hf throughput part is skipped. vLLM must be able to load the policy checkpoint; `--policy` / `--weak_policy` can
+point at a real InternVL3 checkpoint.
 """
 
 from __future__ import annotations
@@ -59,19 +65,34 @@ def monotone(labels: list[bool]) -> bool:
     return True not in labels[labels.index(False):] if False in labels else True
 
 
+def backend_arguments(args, policy: Path, prefix_caching: bool | None = None):
+    from data_gen.rollout import BackendArguments
+
+    if args.backend == "vllm":
+        return BackendArguments(backend="vllm", model=str(policy), backend_kwargs={
+            "enable_prefix_caching": bool(prefix_caching), "gpu_memory_utilization": 0.4, "seed": 0})
+    return BackendArguments(model=str(policy), backend_kwargs={"device": args.device, "batch_size": args.batch_size,
+                                                               "max_patches": 1})
+
+
 def bench_policy(args, name: str, throughput: bool) -> None:
+    policy, trained = build_policy(args, name)
+    settings = [None] if args.backend == "hf" else [s == "on" for s in args.prefix_caching]
+    for prefix_caching in settings:
+        bench_backend(args, name, policy, trained, throughput and args.backend == "hf", prefix_caching)
+
+
+def bench_backend(args, name: str, policy: Path, trained: str, throughput: bool, prefix_caching: bool | None) -> None:
     from data_gen.label_steps import LabelStepsArguments, run
-    from data_gen.rollout import BackendArguments, JobArguments, RolloutArguments, SamplingArguments
+    from data_gen.rollout import JobArguments, RolloutArguments, SamplingArguments
     from data_gen.rollout import run as rollout
     from data_gen.task import TileSumTask, step_truth
     from reward.formats import hard_label, read_jsonl
 
-    policy, trained = build_policy(args, name)
     work = Path(args.work_dir) / name
     shutil.rmtree(work, ignore_errors=True)  # made afresh on every run
     questions = TileSumTask().write_questions(work / "questions", "test", args.questions)
-    backend_args = BackendArguments(model=str(policy), backend_kwargs={"device": "cpu", "batch_size": args.batch_size,
-                                                                       "max_patches": 1})
+    backend_args = backend_arguments(args, policy, prefix_caching)
     start = time.perf_counter()
     # the rollout job builds its own hf backend from the checkpoint (and closes it)
     rollout(RolloutArguments(questions=str(questions), num_samples=args.solutions, prompt_template="plain"),
@@ -113,7 +134,7 @@ def bench_policy(args, name: str, throughput: bool) -> None:
     print(f"\n### {name} policy: {trained}\n\n{args.questions} test questions x {args.solutions} policy solutions "
           f"(temperature {args.solution_temperature}, pass rate {pass_rate:.2f}, rollout {rollout_s:.0f} s); "
           f"{args.continuations} continuations per step at temperature 1.0, up to {args.max_new_tokens} new tokens; "
-          f"adaptive and search first round {args.first_round}; CPU, torch threads {_threads()}, load average "
+          f"adaptive and search first round {args.first_round}; {_where(args, prefix_caching)}, load average "
           f"{os.getloadavg()[0]:.1f}\n")
     print("| early stop | | faithful | adaptive | search | faithful / search | adaptive / search |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -140,7 +161,8 @@ def bench_policy(args, name: str, throughput: bool) -> None:
     wrong = sum(x != y for i in range(len(faithful)) for x, y in zip(faithful[i], search[i]))
     exact = {m: same(truth, rows) for m, rows in (("faithful", faithful), ("adaptive", adaptive), ("search", search))}
     probes = [len(r.meta["searched_steps"]) for r in runs["search", False][1]]
-    print(f"\nmonotone assumption: {len(faithful) - len(bad)} of {len(faithful)} solutions are monotone under faithful's "
+    print(f"\nmonotone assumption: {len(faithful) - len(bad)} of {len(faithful)} solutions are monotone under "
+          f"faithful's "
           f"labels; on the {len(bad)} others ({bad_steps} steps) search gives {bad_same} of faithful's labels "
           f"({wrong} steps differ in all); search probed {sum(probes)} steps of {sum(len(r) for r in faithful)} "
           f"({sum(p == 0 for p in probes)} solutions with no probe: judged correct as they stand, or one step)")
@@ -193,10 +215,13 @@ def _ratio(x: float, y: float) -> str:
     return f"{x / y:.2f}x" if y else "-"
 
 
-def _threads() -> int:
+def _where(args, prefix_caching: bool | None) -> str:
     import torch
 
-    return torch.get_num_threads()
+    if args.backend == "vllm":
+        return f"vLLM backend, prefix caching {'on' if prefix_caching else 'off'}, {torch.cuda.get_device_name()}"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    return f"hf backend on {device}, torch threads {torch.get_num_threads()}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,6 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first_round", type=int, default=2)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=64, help="hf backend rows decoded together")
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--prefix_caching", nargs="+", choices=["on", "off"], default=["on", "off"],
+                        help="vllm: one labelling block per setting of vLLM's enable_prefix_caching")
+    parser.add_argument("--device", default="cpu", help="hf backend device (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: steady timings on a shared machine; 0: torch's default)")
     args = parser.parse_args(argv)

@@ -62,7 +62,8 @@ class Shape:
 
 
 SHAPES = {"mmpr": Shape(grid=(4, 3), prompt_text=100, chosen=400, rejected=400),
-          "small": Shape(grid=(2, 1), prompt_text=60, chosen=100, rejected=100)}
+          "small": Shape(grid=(2, 1), prompt_text=60, chosen=100, rejected=100),
+          "tiny": Shape(grid=(1, 1), prompt_text=20, chosen=16, rejected=16)}  # a dry run of the script
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class Probe:
 
 # -- one configuration, in a fresh process --------------------------------------------------------------------------
 def build_trainer(name: str, model, processor, row: dict, folder: Path, max_length: int, device: str,
-                  chunk_tokens: int | None = None):
+                  chunk_tokens: int | None = None, liger_kernels: bool = False):
     from datasets import Dataset
 
     opt = CONFIGS[name]
@@ -212,13 +213,14 @@ def build_trainer(name: str, model, processor, row: dict, folder: Path, max_leng
 
     args = MPOConfig(output_dir=str(folder / "mpo"), max_length=max_length, pack_pairs=opt.pack_pairs,
                      fused_loss=opt.fused_loss, precompute_ref_log_probs=opt.precompute, **common,
-                     **({"loss_chunk_tokens": chunk_tokens} if chunk_tokens else {}))
+                     **({"loss_chunk_tokens": chunk_tokens} if chunk_tokens else {}),
+                     **({"use_liger_kernels": True} if liger_kernels else {}))
     trainer = MPOTrainer(model, args=args, train_dataset=Dataset.from_list([row]), processing_class=processor)
     return trainer, trainer.data_collator([trainer.train_dataset[0]])  # precomputed reference log-probs ride along
 
 
 def measure(name: str, shape: Shape, device: str, warmup: int, steps: int, threads: int | None,
-            chunk_tokens: int | None = None) -> dict:
+            chunk_tokens: int | None = None, attn: str | None = None, liger_kernels: bool = False) -> dict:
     if threads:
         torch.set_num_threads(threads)
     probe = Probe(device)
@@ -230,7 +232,10 @@ def measure(name: str, shape: Shape, device: str, warmup: int, steps: int, threa
         max_length = n_prompt + max(n_chosen, n_rejected)
         start = time.perf_counter()
         model = build_model(processor)
-        trainer, batch = build_trainer(name, model, processor, row, folder, max_length, device, chunk_tokens)
+        if attn:  # e.g. flex_attention: packed pairs then take a BlockMask (rlhf.packing.block_mask_for_pairs)
+            model.set_attn_implementation(attn)
+        trainer, batch = build_trainer(name, model, processor, row, folder, max_length, device, chunk_tokens,
+                                       liger_kernels and CONFIGS[name].trainer == "mpo")
         optimizer = trainer.create_optimizer()
         if not hasattr(trainer, "current_gradient_accumulation_steps"):
             trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train
@@ -258,13 +263,18 @@ def measure(name: str, shape: Shape, device: str, warmup: int, steps: int, threa
             "lm_tokens": int(batch["input_ids"].numel()), "setup_s": setup, "step_s": statistics.median(times),
             "step_times": times,
             "cpu_s": statistics.median(cpu_times), "cpu_times": cpu_times, "peak_gb": max(peaks), "extra_gb": max(extras), "first_loss": losses[0],
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "threads": torch.get_num_threads()}
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "threads": torch.get_num_threads(),
+            "attn": model.config._attn_implementation,
+            "liger_kernels": liger_kernels and CONFIGS[name].trainer == "mpo"}
 
 
 def run_config(name: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--device", args.device,
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
     cmd += ["--small"] if args.small else []
+    cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--attn", args.attn] if args.attn else []
+    cmd += ["--liger-kernels"] if args.liger_kernels else []
     cmd += ["--threads", str(args.threads)]
     cmd += ["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []
     cmd += ["--vocab-tile", str(args.vocab_tile)] if args.vocab_tile else []
@@ -351,6 +361,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--small", action="store_true", help=f"the small shape {SHAPES['small']}")
+    parser.add_argument("--tiny", action="store_true", help=f"a dry run of the script: {SHAPES['tiny']}")
+    parser.add_argument("--attn", default=None, help="attention implementation of the model (sdpa by default; "
+                        "flex_attention: packed pairs take a BlockMask)")
+    parser.add_argument("--liger-kernels", action="store_true",
+                        help="MPOConfig.use_liger_kernels for the MPOTrainer configurations (Triton, CUDA only)")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=2, help="timed steps (the median is reported)")
@@ -370,20 +385,22 @@ def main(argv: list[str] | None = None) -> None:
         lines = args.from_log.read_text().splitlines()
         report([json.loads(line) for line in lines if line.startswith("{")], args.device)
         return
-    shape = SHAPES["small" if args.small else "mmpr"]
+    shape = SHAPES["tiny" if args.tiny else "small" if args.small else "mmpr"]
     if args.one:
         if args.vocab_tile:  # this process only: the trainer's fused loss takes the module default
             import rlhf.fused
 
             rlhf.fused.DEFAULT_VOCAB_TILE = args.vocab_tile
         print(json.dumps(measure(args.one, shape, args.device, args.warmup, args.steps, args.threads,
-                                 args.chunk_tokens)))
+                                 args.chunk_tokens, args.attn, args.liger_kernels)))
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     configs = [c for c in args.configs if not (args.device == "cuda" and c == "trl-compact")]  # same as trl there
-    print(f"One MPO training step, {'small' if args.small else 'MMPR/InternVL3'} shape {asdict(shape)}, fp32, "
-          f"{args.device}, torch {torch.__version__}; {args.warmup} warm-up + {args.steps} timed steps (median); "
+    print(f"One MPO training step, {'tiny' if args.tiny else 'small' if args.small else 'MMPR/InternVL3'} shape "
+          f"{asdict(shape)}, fp32, attention {args.attn or 'sdpa'}{', Liger kernels' if args.liger_kernels else ''}, "
+          f"{args.device if args.device == 'cpu' else torch.cuda.get_device_name()}, torch {torch.__version__}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps (median); "
           f"load average {os.getloadavg()[0]:.1f}")
     results = []
     for name in configs:

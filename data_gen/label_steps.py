@@ -56,9 +56,9 @@ one solution, id `{question id}#{response index}`, committed whole or not at all
                          sample), generated tokens
     label_steps_settings.json   the settings that shape the records; a resumed run must use the same ones
 
-Train soft-label PRMs on the scores of faithful runs only; adaptive and search scores serve the hard labels. Image paths in the
-outputs are relative to `output_dir`, where the PRM job looks by default. visualprm.jsonl and label_summary.json are
-written when a run covers the whole input (num_shards 1; rerun with num_shards 1 to merge).
+Train soft-label PRMs on the scores of faithful runs only; adaptive and search scores serve the hard labels. Image
+paths in the outputs are relative to `output_dir`, where the PRM job looks by default. visualprm.jsonl and
+label_summary.json are written when a run covers the whole input (num_shards 1; rerun with num_shards 1 to merge).
 """
 
 from __future__ import annotations
