@@ -7,7 +7,8 @@ answer that is not correct) and unparseable (no answer: the format negatives). R
 - correctness: correct x wrong, dropping a pair when the chosen answer is a substring of the rejected answer;
 - format_negative: correct x unparseable, a separate set;
 - dropout_ntp: a chosen response (a correct one; any valid one for a question without an answer) keeps the
-  first `floor(dropout_ratio * words)` of its whitespace-separated words as a prefix, the policy continues the
+  first `floor(dropout_ratio * words)` of its words as a prefix (`dropout_words`: InternVL's `split(' ')` by
+  default, or ours, any whitespace), the policy continues the
   prefix WITHOUT the image, rejected = prefix + continuation. For the questions `dropout_ntp` selects ("all",
   "unverifiable": those without an answer, "none"); text-only questions are skipped (there is no image to drop).
 
@@ -49,7 +50,7 @@ from rlhf.processing import IMAGE_PLACEHOLDER
 from .backends.base import BackendUnavailable, GenerationRequest, RolloutBackend
 from .prompts import build_prompt
 from .rollout import (ROLLOUTS_NAME, json_lines, BackendArguments, JobArguments, SamplingArguments, check_settings, parse_args,
-                      resolve_image)
+                      resolve_image, content_sha, refuse_changed)
 from .workers import Failure, JobInputError, item_seed
 
 logger = logging.getLogger("mmalign.pairs")
@@ -145,12 +146,28 @@ def fix_answer(text: str, answer: str) -> str:
     return text[:last.end()] + " " + answer + text[line_end:]
 
 
-def dropout_prefix(text: str, ratio: float = 0.5) -> tuple[str, int, int]:
-    """(prefix, k, n): the text up to the end of its k-th whitespace-separated word, k = floor(ratio * n) of its n
-    words (whitespace inside the prefix kept as it was). k = 0 gives an empty prefix."""
-    words = list(re.finditer(r"\S+", text))
-    k = math.floor(ratio * len(words))
-    return (text[:words[k - 1].end()] if k else ""), k, len(words)
+class DropoutWords(StrEnum):
+    """How DropoutNTP counts the words of the chosen response."""
+
+    SPACE = "space"  # InternVL: text.split(' '), the first int(ratio * n) pieces joined by ' ', then stripped
+    WHITESPACE = "whitespace"  # ours: runs of any whitespace (newlines too) separate words; the prefix keeps the text
+    #                            verbatim up to the end of the k-th word
+
+
+def dropout_prefix(text: str, ratio: float = 0.5, words: DropoutWords | str = DropoutWords.SPACE
+                   ) -> tuple[str, int, int]:
+    """(prefix, k, n): k = floor(ratio * n) of the text's n words kept as the prefix; k = 0 gives an empty prefix.
+
+    `space` (published, InternVL's DropoutNTP): words are the pieces of `text.split(' ')`, so a line break does not
+    separate words ("3\n\nThe" is one piece) and empty pieces (double spaces) count; the prefix is the first k
+    pieces joined by ' ' and stripped. `whitespace` (ours): words are runs of non-whitespace characters."""
+    if DropoutWords(words) is DropoutWords.SPACE:
+        pieces = text.split(" ")
+        k = math.floor(ratio * len(pieces))
+        return " ".join(pieces[:k]).strip(), k, len(pieces)
+    found = list(re.finditer(r"\S+", text))
+    k = math.floor(ratio * len(found))
+    return (text[:found[k - 1].end()] if k else ""), k, len(found)
 
 
 def truncate_at_divergence(chosen: str, rejected: str) -> tuple[str, int, int]:
@@ -208,6 +225,9 @@ class PairsArguments:
         "help": f"Questions that get DropoutNTP pairs: {', '.join(DropoutSelection)}."})
     dropout_ratio: float = field(default=0.5, metadata={"help": "Fraction of the chosen words kept as prefix."})
     dropout_pairs_per_question: int = field(default=1, metadata={"help": "DropoutNTP pairs per question."})
+    dropout_words: str = field(default=DropoutWords.SPACE.value, metadata={
+        "help": "How the DropoutNTP prefix counts words: space (InternVL: text.split(' ')) or whitespace (ours: any "
+                "whitespace, newlines included, separates words)."})
     truncate_rejected: bool = field(default=False, metadata={
         "help": "Ours, not in MMPR: cut every rejected response after its first step (blank-line separated) that "
                 "differs from the chosen response's step at the same index."})
@@ -215,6 +235,8 @@ class PairsArguments:
     def __post_init__(self) -> None:
         if self.dropout_ntp not in set(DropoutSelection):
             raise UserError(f"dropout_ntp must be one of {', '.join(DropoutSelection)}, got {self.dropout_ntp!r}")
+        if self.dropout_words not in set(DropoutWords):
+            raise UserError(f"dropout_words must be one of {', '.join(DropoutWords)}, got {self.dropout_words!r}")
         if not 0 < self.dropout_ratio < 1:
             raise UserError(f"dropout_ratio must be in (0, 1), got {self.dropout_ratio}")
         for name in ("max_pairs_per_question", "dropout_pairs_per_question"):
@@ -285,7 +307,8 @@ class PairsWorker:
                                  "multi": isinstance(record.get(key), list),
                                  "prompt": prompt_with_images(record["question"], record["prompt_template"], len(refs)),
                                  "answer": gt, "pass_rate": record.get("pass_rate"), "num_generated_tokens": 0,
-                                 "dropped": dropped | {"cap": 0, "identical": 0}}
+                                 "dropped": dropped | {"cap": 0, "identical": 0},
+                                 "input_sha": content_sha(record)}  # a resumed run refuses a changed record
         for name, pairs in sets.items():
             kept = cap(pairs, self.args.max_pairs_per_question, random.Random(item_seed(self.sampling.seed, qid, name)))
             group["dropped"]["cap"] += len(pairs) - len(kept)
@@ -329,13 +352,14 @@ class PairsWorker:
         responses, gt = record["responses"], record.get("answer")
         correct, wrong, unparseable, _ = group_responses(responses)
         pool = correct if gt is not None else sorted(correct + wrong + unparseable)
-        pool = [i for i in pool if dropout_prefix(responses[i]["text"], self.args.dropout_ratio)[1] > 0]
+        pool = [i for i in pool
+                if dropout_prefix(responses[i]["text"], self.args.dropout_ratio, self.args.dropout_words)[0]]
         rng = random.Random(item_seed(self.sampling.seed, group["id"], PairSet.DROPOUT_NTP.value))
         prompt = build_prompt(strip_images(record["question"]), record["prompt_template"])
         out = []
         for k, c in enumerate(cap(pool, self.args.dropout_pairs_per_question, rng)):
             text, _ = self.chosen_text(responses[c], gt)
-            prefix, kept, _ = dropout_prefix(text, self.args.dropout_ratio)
+            prefix, kept, _ = dropout_prefix(text, self.args.dropout_ratio, self.args.dropout_words)
             request = GenerationRequest(id=f"{group['id']}#ntp{k}", prompt=prompt, sampling=self.sampling.params(1),
                                         seed=item_seed(self.sampling.seed, group["id"], PairSet.DROPOUT_NTP.value, k),
                                         system=record.get("system_prompt"), assistant_prefix=prefix)
@@ -489,6 +513,9 @@ def run(args: PairsArguments, backend_args: BackendArguments, sampling: DropoutS
     for key in ("batch_size", "device", "max_concurrency"):
         settings["backend"].pop(key, None)
     check_settings(job.output_dir, SETTINGS_FILE, settings, job.resume)
+    if job.resume:
+        refuse_changed(job, GROUPS_NAME, {str(r["id"]): {"rollout record": content_sha(r)} for r in records},
+                       lambda g, _: {"rollout record": g["input_sha"]} if "input_sha" in g else None)
     systems = {r.get("system_prompt") for r in records} - {None}
     if systems:  # MMPR records carry no system prompt: training must add it
         logger.warning("the rollouts used a system prompt; train on these pairs with --system_prompt %r",

@@ -106,10 +106,18 @@ def test_grouping_of_the_worked_example():
 
 
 def test_dropout_prefix_keeps_the_first_half_of_the_words():
+    # InternVL's DropoutNTP: pieces = chosen.split(' '); prefix = ' '.join(pieces[:int(len(pieces) * 0.5)]).strip()
     assert dropout_prefix("a b c d e") == ("a b", 2, 5)  # floor(0.5 * 5) = 2 words
-    assert dropout_prefix("The tiles\n\nshow 3, 7 and 9.") == ("The tiles\n\nshow", 3, 7)  # whitespace kept
+    # "The tiles\n\nshow 3, 7 and 9." splits on ' ' into 6 pieces ("tiles\n\nshow" is one): 3 kept
+    assert dropout_prefix("The tiles\n\nshow 3, 7 and 9.") == ("The tiles\n\nshow 3,", 3, 6)
+    # "Step 1: 2.\n\nStep 2: 4." -> ['Step', '1:', '2.\n\nStep', '2:', '4.']: 2 pieces, "Step 1:"
+    assert dropout_prefix("Step 1: 2.\n\nStep 2: 4.") == ("Step 1:", 2, 5)
+    assert dropout_prefix("a  b c d") == ("a", 2, 5)  # a double space is an empty piece: ['a', '', 'b', 'c', 'd']
     assert dropout_prefix("one two three four", 0.75) == ("one two three", 3, 4)
     assert dropout_prefix("alone") == ("", 0, 1)
+    # ours (dropout_words whitespace): any whitespace separates words, the prefix keeps the text verbatim
+    assert dropout_prefix("The tiles\n\nshow 3, 7 and 9.", words="whitespace") == ("The tiles\n\nshow", 3, 7)
+    assert dropout_prefix("Step 1: 2.\n\nStep 2: 4.", words="whitespace") == ("Step 1: 2.", 3, 6)
     assert strip_images("<image>\n<image>\nCompare them.") == "Compare them."
 
 
@@ -143,9 +151,11 @@ def test_pairs_job_truncates_rejected_responses(tmp_path, rollouts):
     first = read_jsonl(out / "correctness.jsonl")[0]
     assert (first["chosen"], first["rejected"]) == (A_TEXTS[0], "3 + 20 = 30.")
     assert first["rejected_meta"]["steps_kept"] == 1 and first["rejected_meta"]["steps"] == 2
-    (ntp,) = read_jsonl(out / "dropout_ntp.jsonl")  # "The tiles" is step 1 of both: cut after step 2
-    assert (ntp["chosen"], ntp["rejected"]) == ("The tiles\n\nshow 3, 7 and 9.", "The tiles\n\nshow 4, 7 and 9.")
-    assert ntp["rejected_meta"] == {"prefix_words": 3, "prefix_chars": 15, "continuation_tokens": 5,
+    # DropoutNTP prefix, InternVL's split(' '): ['The', 'tiles\n\nshow', '3,', '7', 'and', '9.'] -> 3 pieces,
+    # "The tiles\n\nshow 3," (18 characters); + " 4, 7 and 9." differs from the chosen in step 2: kept whole
+    (ntp,) = read_jsonl(out / "dropout_ntp.jsonl")
+    assert (ntp["chosen"], ntp["rejected"]) == ("The tiles\n\nshow 3, 7 and 9.", "The tiles\n\nshow 3, 4, 7 and 9.")
+    assert ntp["rejected_meta"] == {"prefix_words": 3, "prefix_chars": 18, "continuation_tokens": 5,
                                     "steps_kept": 2, "steps": 2}
     fmt = read_jsonl(out / "format_negative.jsonl")[0]  # a one-step rejected response stays whole
     assert fmt["rejected"] == "I cannot tell."
@@ -200,14 +210,14 @@ def test_pairs_job_worked_example(tmp_path, rollouts):
     # DropoutNTP: only C (no answer, has an image); its one response with >= 2 words is the chosen one
     (ntp,) = read_jsonl(out / "dropout_ntp.jsonl")
     (req,) = fake.requests
-    assert req.images == [] and req.assistant_prefix == "The tiles\n\nshow"
+    assert req.images == [] and req.assistant_prefix == "The tiles\n\nshow 3,"  # split(' '): 3 of 6 pieces
     assert req.prompt == build_prompt("Describe the tiles.", "boxed") and "<image>" not in req.prompt
     assert req.seed == item_seed(0, "C", "dropout_ntp", 0)
     assert (req.sampling.temperature, req.sampling.max_new_tokens, req.sampling.n) == (0.7, 2048, 1)
     assert ntp["chosen"] == "The tiles\n\nshow 3, 7 and 9."
-    assert ntp["rejected"] == "The tiles\n\nshow 4, 7 and 9."
+    assert ntp["rejected"] == "The tiles\n\nshow 3, 4, 7 and 9."
     assert ntp["question"].startswith("<image>\nDescribe the tiles.") and ntp["image"] == "images/a.png"
-    assert ntp["rejected_meta"] == {"prefix_words": 3, "prefix_chars": 15, "continuation_tokens": 5}
+    assert ntp["rejected_meta"] == {"prefix_words": 3, "prefix_chars": 18, "continuation_tokens": 5}
 
     # what `mmalign mpo` reads: no problems at all
     records = read_mmpr(out / "meta.json")
@@ -230,7 +240,7 @@ def test_pairs_job_worked_example(tmp_path, rollouts):
 
 
 def test_answer_fix_dedup_and_selection(tmp_path, rollouts):
-    fake = Continuations(text=" 3, 7 and 9.")  # continues exactly as the chosen did: no pair
+    fake = Continuations(text=" 7 and 9.")  # continues C's prefix "The tiles\n\nshow 3," as the chosen did: no pair
     out = tmp_path / "fixed"
     summary = pairs_job(rollouts, out, fake, answer_fix=True, format_negatives=False, dropout_ntp="all",
                         max_pairs_per_question=3)
@@ -262,9 +272,9 @@ def test_dropout_ntp_with_the_tiny_policy(tmp_path, rollouts, tiny_internvl, tin
     (ntp,) = read_jsonl(out / "dropout_ntp.jsonl")
     request = GenerationRequest("C#ntp0", build_prompt("Describe the tiles.", "boxed"),
                                 sampling=SamplingParams(max_new_tokens=4, seed=9),
-                                seed=item_seed(9, "C", "dropout_ntp", 0), assistant_prefix="The tiles\n\nshow")
+                                seed=item_seed(9, "C", "dropout_ntp", 0), assistant_prefix="The tiles\n\nshow 3,")
     (expected,) = hf.generate([request])
-    assert ntp["rejected"] == "The tiles\n\nshow" + expected.texts[0]
+    assert ntp["rejected"] == "The tiles\n\nshow 3," + expected.texts[0]
     assert ntp["rejected_meta"]["continuation_tokens"] == expected.num_generated_tokens == 4
 
 
