@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MAX_PRINTED_PROBLEMS = 50
 RECORD_FIELD = "record"  # the field named by a problem that concerns the whole line (malformed JSON, not an object)
+PLACEHOLDERS_ADDED = "_placeholders_added"  # a transient meta flag: a multi-image question given its placeholders
 
 
 class Position(StrEnum):
@@ -204,13 +205,19 @@ def load_image(path: str | Path) -> Image.Image:
 # ------------------------------------------------------------------------------------------------ reading MMPR
 
 
-def read_mmpr(meta_path: str | Path, *, default_max_dynamic_patch: int = 12, seed: int = 0) -> list[PreferenceRecord]:
+def read_mmpr(meta_path: str | Path, *, default_max_dynamic_patch: int = 12, seed: int = 0,
+              data_root: str | Path | None = None, cwd: str | Path | None = None) -> list[PreferenceRecord]:
     """Read every data set of an MMPR `meta.json` into records, repeated or subsampled by `repeat_time`.
 
-    Relative `root`/`annotation` paths resolve against meta.json's folder; image paths against `root`. A
-    `repeat_time` of 2.5 gives every record twice plus a seeded half of them; 0.5 gives a seeded half. Records keep
-    file order (the same object appears once per repeat). Errors in meta.json itself raise DataValidationError
-    listing all of them; errors in annotation lines become records with read issues (see `validate_records`).
+    Relative `root`/`annotation` paths resolve as InternVL resolves them, against the working directory (`cwd`,
+    default the process's: InternVL's own meta files hold paths like `MMPR-v1.2/images/...` and are run from the
+    parent folder); when a path does not exist there, against meta.json's folder (mmalign's own meta files, e.g.
+    those of `mmalign pairs`). With `data_root`, against it alone. One log line per data set says which was used.
+    Image paths resolve against `root`. `repeat_time` as InternVL: above 1, the records repeated `int(repeat_time)`
+    times (2.5 -> twice); below 1, a seeded sample of `int(n * repeat_time)` records (kept in file order). The
+    same object appears once per repeat. `data_augment: true` is refused (InternVL's random JPEG re-compression
+    of training images is not implemented). Errors in meta.json itself raise DataValidationError listing all of
+    them; errors in annotation lines become records with read issues (see `validate_records`).
     """
     meta_path = Path(meta_path)
     meta_label = str(meta_path)
@@ -225,10 +232,14 @@ def read_mmpr(meta_path: str | Path, *, default_max_dynamic_patch: int = 12, see
             [], message=f"{meta_label}: expected an object mapping data-set names to entries, got {_type(meta)}"
         )
 
-    base = meta_path.resolve().parent
+    if data_root is not None:
+        bases = [(Path(data_root).resolve(), "data_root")]
+    else:
+        bases = [(Path(cwd if cwd is not None else Path.cwd()).resolve(), "the working directory, as InternVL"),
+                 (meta_path.resolve().parent, "meta.json's folder")]
     entries, problems = [], []
     for name, entry in meta.items():
-        parsed = _parse_meta_entry(name, entry, base, meta_label, default_max_dynamic_patch, problems)
+        parsed = _parse_meta_entry(name, entry, bases, meta_label, default_max_dynamic_patch, problems)
         if parsed is not None:
             entries.append(parsed)
     if problems:
@@ -249,15 +260,17 @@ def read_mmpr(meta_path: str | Path, *, default_max_dynamic_patch: int = 12, see
 def repeat_records(
     records: Sequence[PreferenceRecord], repeat_time: float, *, seed: int, salt: str = ""
 ) -> list[PreferenceRecord]:
-    """`int(repeat_time)` full copies, then a seeded subset of `floor(n * frac(repeat_time))` records in file order.
+    """InternVL's rule: `repeat_time` >= 1 gives `int(repeat_time)` full copies (2.5 -> 2: the fraction above 1 is
+    dropped); below 1, a seeded subset of `int(n * repeat_time)` records, kept in file order.
 
     The subset depends only on (seed, salt, n), so reruns pick the same records.
     """
-    whole = math.floor(repeat_time)
-    k = math.floor(len(records) * (repeat_time - whole) + 1e-9)
+    if repeat_time >= 1:
+        return list(records) * int(repeat_time)
+    k = math.floor(len(records) * repeat_time + 1e-9)
     rng = random.Random(f"{seed}:{salt}")  # str seeds hash with sha512: stable across processes
     subset = sorted(rng.sample(range(len(records)), k))
-    return list(records) * whole + [records[i] for i in subset]
+    return [records[i] for i in subset]
 
 
 @dataclass
@@ -271,8 +284,19 @@ class _MetaEntry:
     max_dynamic_patch: int
 
 
+def _resolve(value: str, bases: list[tuple[Path, str]], exists: Callable[[Path], bool]) -> tuple[Path, str]:
+    """(path, how): `value` against the first base where it exists, else against the first base."""
+    if Path(value).expanduser().is_absolute():
+        return Path(value).expanduser().resolve(), "absolute"
+    for base, how in bases:
+        if exists((base / value).resolve()):
+            return (base / value).resolve(), how
+    return (bases[0][0] / value).resolve(), bases[0][1]
+
+
 def _parse_meta_entry(
-    name: str, entry: Any, base: Path, meta_label: str, default_mdp: int, problems: list[RecordProblem]
+    name: str, entry: Any, bases: list[tuple[Path, str]], meta_label: str, default_mdp: int,
+    problems: list[RecordProblem],
 ) -> _MetaEntry | None:
     def bad(key: str, message: str) -> None:
         problems.append(RecordProblem(name, meta_label, None, f"{name}.{key}" if key else name, message))
@@ -285,27 +309,36 @@ def _parse_meta_entry(
     if unknown:  # other InternVL meta files carry extra keys: not fatal, but not silent either
         logger.warning("%s: %s: ignoring unknown keys %s (known: %s)", meta_label, name, unknown, ", ".join(MMPRKey))
 
+    tried = " or ".join(str(b) for b, _ in bases)
+    used = {}
     root = entry.get(MMPRKey.ROOT)
     if root is not None:
         if not isinstance(root, str) or not root:
             bad(MMPRKey.ROOT, f"expected a folder path (string), got {root!r}")
             root = None
         else:
-            root = (base / root).resolve()
+            written = root
+            root, used[MMPRKey.ROOT] = _resolve(written, bases, Path.is_dir)
             if not root.is_dir():
-                bad(MMPRKey.ROOT, f"folder not found: {root}")
+                where = "" if Path(written).is_absolute() else f" (relative to {tried})"
+                bad(MMPRKey.ROOT, f"folder not found: {written}{where}")
 
     annotation = entry.get(MMPRKey.ANNOTATION)
     if not isinstance(annotation, str) or not annotation:
         bad(MMPRKey.ANNOTATION, f"expected a JSON-lines file path (string), got {annotation!r}")
     else:
-        annotation = (base / annotation).resolve()
+        written = annotation
+        annotation, used[MMPRKey.ANNOTATION] = _resolve(written, bases, Path.is_file)
         if not annotation.is_file():
-            bad(MMPRKey.ANNOTATION, f"file not found: {annotation}")
+            where = "" if Path(written).is_absolute() else f" (relative to {tried})"
+            bad(MMPRKey.ANNOTATION, f"file not found: {written}{where}")
 
     data_augment = entry.get(MMPRKey.DATA_AUGMENT, False)
     if not isinstance(data_augment, bool):
         bad(MMPRKey.DATA_AUGMENT, f"expected true or false, got {data_augment!r}")
+    elif data_augment:
+        bad(MMPRKey.DATA_AUGMENT, "true is not supported (InternVL re-compresses training images as JPEG at a "
+            "random quality; mmalign does not): set it to false")
 
     repeat_time = entry.get(MMPRKey.REPEAT_TIME, 1.0)
     if isinstance(repeat_time, bool) or not isinstance(repeat_time, int | float) or not repeat_time > 0:
@@ -321,6 +354,11 @@ def _parse_meta_entry(
 
     if len(problems) > n_before:
         return None
+    relative = {key: how for key, how in used.items() if how != "absolute"}
+    if relative:
+        hows = sorted(set(relative.values()))
+        logger.info("%s: %s: %s resolved against %s", meta_label, name, " and ".join(relative),
+                    " / ".join(f"{how} ({next(str(b) for b, h in bases if h == how)})" for how in hows))
     return _MetaEntry(name, root, annotation, data_augment, float(repeat_time), length, mdp)
 
 
@@ -342,6 +380,13 @@ def _read_annotation(entry: _MetaEntry) -> list[PreferenceRecord]:
         )
         _fill_mmpr(record, raw, entry.root)
         records.append(record)
+    added = [r.line for r in records if r.meta.pop(PLACEHOLDERS_ADDED, False)]
+    if added:
+        shown = ", ".join(map(str, added[:10])) + (f" and {len(added) - 10} more" if len(added) > 10 else "")
+        logger.warning("%s: %s: %d multi-image question%s without %s placeholders (line%s %s) got one '%s\\n' per "
+                       "image in front; InternVL's training drops such records", file, entry.name, len(added),
+                       "" if len(added) == 1 else "s", IMAGE_PLACEHOLDER, "" if len(added) == 1 else "s", shown,
+                       IMAGE_PLACEHOLDER)
     return records
 
 
@@ -397,11 +442,14 @@ def _fill_mmpr(record: PreferenceRecord, raw: Any, root: Path | None) -> None:
         issues.append((MMPRField.ANSWER_GT, f"expected a string or number, got {_type(answer_gt)}"))
     record.meta = {k: v for k, v in raw.items() if k not in set(MMPRField)}
 
-    refs = _image_refs(raw.get(MMPRField.IMAGE), MMPRField.IMAGE, issues)
+    value = raw.get(MMPRField.IMAGE)
+    refs = [] if value == "" else _image_refs(value, MMPRField.IMAGE, issues)  # InternVL: "" is a text-only sample
     if refs and root is None:
         issues.append((MMPRField.IMAGE, f"data set {record.source!r} has no '{MMPRKey.ROOT}' in meta.json"))
         return
     record.image_paths = [str((root / ref).resolve()) for ref in refs]
+    if len(refs) > 1 and IMAGE_PLACEHOLDER not in record.question:
+        record.meta[PLACEHOLDERS_ADDED] = True  # reported per data set by _read_annotation
     _prepend_placeholders(record)
 
 

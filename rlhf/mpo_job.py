@@ -25,6 +25,9 @@ class MPOScriptArguments:
     drop_path: float = field(default=0.0, metadata={
         "help": "Stochastic depth on the vision tower, InternViT's linear ramp up to this rate at the last layer "
                 "(rlhf.drop_path); the released InternVL3 MPO runs use 0.1."})
+    data_root: str | None = field(default=None, metadata={
+        "help": "Folder that relative root/annotation paths of a meta.json resolve against (default: the working "
+                "directory as InternVL, then meta.json's folder)."})
     repeat_seed: int = field(default=0, metadata={"help": "Seed of the fractional `repeat_time` subsampling."})
 
 
@@ -40,7 +43,8 @@ def read_records(path: str, args: MPOConfig, script: MPOScriptArguments):
     from .data import read_mmpr, read_preference_dataset
 
     if Path(path).name.endswith("meta.json") or (Path(path).suffix == ".json" and _is_meta(path)):
-        return read_mmpr(path, default_max_dynamic_patch=args.max_dynamic_patch, seed=script.repeat_seed)
+        return read_mmpr(path, default_max_dynamic_patch=args.max_dynamic_patch, seed=script.repeat_seed,
+                         data_root=script.data_root)
     return read_preference_dataset(path, image_root=script.image_root)
 
 

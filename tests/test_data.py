@@ -59,7 +59,7 @@ def mmpr(tmp_path):
     ])  # fmt: skip
     write_jsonl(data / "ann" / "text.jsonl", [pair(i, image=None) if i == 2 else pair(i) for i in range(1, 5)])
     meta = {
-        "multi": {"root": "images", "annotation": "ann/multi.jsonl", "data_augment": True, "repeat_time": 2.0,
+        "multi": {"root": "images", "annotation": "ann/multi.jsonl", "data_augment": False, "repeat_time": 2.0,
                   "length": 4, "max_dynamic_patch": 6},
         "text": {"annotation": "ann/text.jsonl", "data_augment": False, "repeat_time": 0.5, "length": 4},
     }  # fmt: skip
@@ -86,7 +86,6 @@ def test_read_mmpr_resolves_paths_prepends_placeholders_and_budgets_tiles(mmpr):
     assert (multi[2].max_dynamic_patch, multi[2].tiles_per_image) == (6, 6)
     assert multi[4].answer_gt == "no" and multi[4].meta == {"chosen_meta": {"score": 1.0}}
     assert multi[4].chosen == "right 4" and multi[4].rejected == "wrong 4"
-    assert multi[1].data_augment is True
     assert multi[1].file == str((mmpr / "ann" / "multi.jsonl").resolve())
     assert multi[1].position is Position.LINE
 
@@ -106,14 +105,82 @@ def test_repeat_time_counts_are_exact_and_seeded(mmpr):
     assert [r.line for r in read_mmpr(mmpr / "meta.json") if r.source == "text"] == text  # same seed, same pick
 
     hundred = [PreferenceRecord("s", i, "q", "c", "r") for i in range(1, 101)]
-    # 2.5 -> 2 * 100 + floor(100 * 0.5); 0.25 -> floor(100 * 0.25); 0.999 -> 99
-    assert len(repeat_records(hundred, 2.5, seed=0)) == 250
+    # InternVL: repeat_time > 1 -> int(repeat_time) copies (2.5 -> 200 records for 100, 1.5 -> 100);
+    # below 1 -> a sample of int(n * repeat_time): 0.25 -> 25, 0.999 -> 99
+    assert len(repeat_records(hundred, 2.5, seed=0)) == 200
+    assert [r.line for r in repeat_records(hundred, 1.5, seed=0)] == list(range(1, 101))
     quarter = [r.line for r in repeat_records(hundred, 0.25, seed=0)]
     assert len(quarter) == 25 and len(set(quarter)) == 25
     assert quarter == [r.line for r in repeat_records(hundred, 0.25, seed=0)]
     assert quarter != [r.line for r in repeat_records(hundred, 0.25, seed=1)]
     assert len(repeat_records(hundred, 0.999, seed=0)) == 99
     assert len(repeat_records(hundred, 0.3, seed=0)) == 30  # 100 * 0.3 = 30.000000000000004 in floats
+
+
+def _internvl_layout(parent: Path) -> Path:
+    """InternVL's own MMPR layout: parent/MMPR-v1.2/{meta.json, images/, annotations/} with paths in meta.json
+    written relative to `parent` (InternVL's training is launched from there)."""
+    Image.new("RGB", (28, 28), (9, 9, 9)).save(write_jsonl(parent / "MMPR-v1.2" / "images" / "x.txt", []).parent / "a.png")
+    write_jsonl(parent / "MMPR-v1.2" / "annotations" / "geo.jsonl", [pair(1, image="a.png", question="<image>\nQ?")])
+    meta = {"geo": {"root": "MMPR-v1.2/images", "annotation": "MMPR-v1.2/annotations/geo.jsonl",
+                    "data_augment": False, "repeat_time": 1, "length": 1}}
+    (parent / "MMPR-v1.2" / "meta.json").write_text(json.dumps(meta))
+    return parent / "MMPR-v1.2" / "meta.json"
+
+
+def test_meta_paths_resolve_against_the_working_directory_as_internvl(tmp_path, monkeypatch, caplog):
+    # InternVL opens meta.json's root and annotation as written, i.e. relative to the working directory; mmalign
+    # tries that first, then meta.json's folder (its own meta files), or an explicit data_root; one line says which.
+    meta = _internvl_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="rlhf.data"):
+        (record,) = read_mmpr(meta)
+    assert record.image_paths == [str((tmp_path / "MMPR-v1.2" / "images" / "a.png").resolve())]
+    assert f"geo: root and annotation resolved against the working directory, as InternVL ({tmp_path.resolve()})" \
+        in caplog.text
+    (again,) = read_mmpr(meta, data_root=tmp_path, cwd=tmp_path / "MMPR-v1.2")  # explicit root wins
+    assert again.image_paths == record.image_paths
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pytest.raises(DataValidationError, match=r"geo.root: folder not found: MMPR-v1.2/images \(relative to "
+                                                  rf"{elsewhere.resolve()} or {(tmp_path / 'MMPR-v1.2').resolve()}\)"):
+        read_mmpr(meta, cwd=elsewhere)
+
+
+def test_meta_paths_fall_back_to_the_meta_folder(mmpr, caplog):
+    # mmalign's own layout (paths relative to meta.json, e.g. `mmalign pairs` output) still reads from anywhere
+    with caplog.at_level(logging.INFO, logger="rlhf.data"):
+        records = read_mmpr(mmpr / "meta.json", cwd=mmpr.parent)
+    assert records[0].image_paths[0] == str((mmpr / "images" / "a.png").resolve())
+    assert "multi: root and annotation resolved against meta.json's folder" in caplog.text
+
+
+def test_empty_image_is_text_only_and_multi_image_without_placeholders_is_reported(tmp_path, caplog):
+    # InternVL: `"image": ""` (or []) is a pure-text sample; a multi-image question without <image> placeholders is
+    # dropped by its training. mmalign trains the first as text, and gives the second its placeholders with a
+    # warning that names the lines.
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (28, 28)).save(tmp_path / "images" / name)
+    write_jsonl(tmp_path / "t.jsonl", [pair(1, image=""), pair(2, image=[]), pair(3, image=["a.png", "b.png"]),
+                                       pair(4, image=["a.png", "b.png"], question="<image>\n<image>\nQ?")])
+    (tmp_path / "meta.json").write_text(json.dumps({"t": {"root": "images", "annotation": "t.jsonl"}}))
+    with caplog.at_level(logging.WARNING, logger="rlhf.data"):
+        records = read_mmpr(tmp_path / "meta.json", cwd=tmp_path)
+    assert [(r.n_images, r.question) for r in records] == [
+        (0, "Question 1?"), (0, "Question 2?"), (2, "<image>\n<image>\nQuestion 3?"), (2, "<image>\n<image>\nQ?")]
+    assert validate_records(records) == []
+    assert "t: 1 multi-image question without <image> placeholders (line 3)" in caplog.text
+    assert all("_placeholders_added" not in r.meta for r in records)
+
+
+def test_data_augment_true_is_refused_with_the_reason(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", [pair(1)])
+    (tmp_path / "meta.json").write_text(json.dumps({"t": {"annotation": "t.jsonl", "data_augment": True}}))
+    with pytest.raises(DataValidationError, match=r"t.data_augment: true is not supported \(InternVL re-compresses "
+                                                  r"training images as JPEG at a random quality; mmalign does not\): "
+                                                  r"set it to false"):
+        read_mmpr(tmp_path / "meta.json")
 
 
 def test_meta_json_errors_are_all_reported_at_once(tmp_path):
@@ -128,8 +195,8 @@ def test_meta_json_errors_are_all_reported_at_once(tmp_path):
     m = str(tmp_path / "meta.json")
     assert str(info.value).splitlines()[0] == f"6 problems in 3 data sets (fix {m}):"
     assert [str(p) for p in info.value.problems] == [
-        f"{m}: a.root: folder not found: {tmp_path / 'nope'}",
-        f"{m}: a.annotation: file not found: {tmp_path / 'missing.jsonl'}",
+        f"{m}: a.root: folder not found: nope (relative to {Path.cwd()} or {tmp_path})",
+        f"{m}: a.annotation: file not found: missing.jsonl (relative to {Path.cwd()} or {tmp_path})",
         f"{m}: a.repeat_time: expected a number > 0 (2.0 repeats twice, 0.5 takes half), got 0",
         f"{m}: b.annotation: expected a JSON-lines file path (string), got 3",
         f"{m}: b.max_dynamic_patch: expected an integer >= 1, got '12'",
