@@ -328,6 +328,15 @@ class VisualPRMTrainer(Trainer):
         if self._signature_columns is None:
             self._signature_columns = list(ROW_COLUMNS)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume checkpoints saved under legacy weight names (InternVL in transformers 5) through
+        `from_pretrained` (`rlhf.checkpoint`); the Trainer's own loading would drop those weights silently."""
+        from rlhf.checkpoint import load_renamed_checkpoint
+
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not load_renamed_checkpoint(target, resume_from_checkpoint, fsdp=self.is_fsdp_enabled):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def judgement_loss(self, model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(token-mean loss over the 2N supervised tokens, P(+) per judgement (N,), detached) for one batch."""
         rows, positions = inputs["judgement_rows"], inputs["judgement_positions"]

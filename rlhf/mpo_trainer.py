@@ -26,15 +26,14 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from safetensors import safe_open
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from . import ref_cache
+from .checkpoint import load_renamed_checkpoint
 from .collator import ROW_COLUMNS, MPOCollator
 from .losses import TERM_METRIC, MPOTerm, reward_shift_stats, update_running_mean
 from .mpo_head import MPOHeadSpec, add_mpo_head
@@ -287,16 +286,8 @@ class MPOTrainer(DPOTrainer):
         Trainer's resume path loads with `load_state_dict(strict=False)` and so silently drops. Load such
         checkpoints through `from_pretrained`, which maps the names back."""
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        weights = Path(resume_from_checkpoint) / "model.safetensors"
-        if weights.is_file() and isinstance(target, PreTrainedModel) and not is_peft_model(target) \
-                and not self.is_fsdp_enabled:
-            with safe_open(str(weights), "pt") as f:
-                saved_keys = set(f.keys())
-            if saved_keys != set(target.state_dict()):
-                fresh = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
-                target.load_state_dict(fresh.state_dict(), strict=True)
-                return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not load_renamed_checkpoint(target, resume_from_checkpoint, fsdp=self.is_fsdp_enabled):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:
