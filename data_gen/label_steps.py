@@ -78,7 +78,7 @@ from rlhf.processing import IMAGE_PLACEHOLDER
 from .backends.base import BackendUnavailable, GenerationRequest, RolloutBackend
 from .prompts import PromptTemplate, build_prompt
 from .rollout import (BackendArguments, JobArguments, Question, SamplingArguments, check_settings,
-                      load_question_images, parse_args, read_questions)
+                      load_question_images, parse_args, read_questions, refuse_changed)
 from .workers import Failure, JobInputError, item_seed
 
 MC_NAME = "mc"
@@ -646,6 +646,9 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
     for key in RUN_ONLY_BACKEND_KEYS:
         fingerprint["backend"].pop(key, None)
     check_settings(output_dir, SETTINGS_FILE, fingerprint, job.resume)
+    if job.resume:  # a finished record whose solution or answer changed in the input: refused, one line
+        refuse_changed(job, MC_NAME, {i.id: {"solution": i.text, "answer": i.question.answer} for i in items},
+                       lambda r, _: {"solution": r.get("response"), "answer": r.get("answer")})
     owned = backend is None  # a backend handed in stays open for the caller
     if owned and job.executor == "ray":  # each actor builds its own, where the GPUs are
         backend = None

@@ -562,27 +562,48 @@ def _content(q: Question) -> dict[str, Any]:
 def check_unchanged(questions: list[Question], job: JobArguments) -> None:
     """Refuse (one line) to resume when a finished record's question, answer, images or extra fields differ from
     the input item of the same id: its responses were made for other content."""
+    by_id = {q.id: q for q in questions}
+
+    def recorded(record: dict, item_id: str) -> dict:
+        q = by_id[item_id]
+        return {"question": record.get("question"), "answer": record.get("answer"),
+                "image": record.get(q.image_key) if q.image_key else record.get("image", record.get("images")),
+                "meta": record.get("meta", {})}
+
+    refuse_changed(job, ROLLOUTS_NAME, {q.id: _content(q) for q in questions}, recorded)
+
+
+def content_sha(value: Any) -> str:
+    """A short fingerprint of an input item's content (its JSON, keys sorted)."""
+    import hashlib
+
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def refuse_changed(job: JobArguments, name: str, current: dict[str, Any], recorded) -> None:
+    """One JobInputError when a finished record of job `name` no longer matches its input item: `current` maps
+    ids to what the input holds now, `recorded(record, id)` gives the same from a record (None: cannot tell, e.g.
+    a record made before fingerprints). The error names the first changed id, its changed fields and the count."""
     from .workers import ResultStore
 
-    output = Path(job.output_dir) / f"{ROLLOUTS_NAME}.jsonl"
     sharded = job.num_shards > 1
-    if not output.is_file() and not sharded:
+    if not (Path(job.output_dir) / f"{name}.jsonl").is_file() and not sharded:
         return
-    by_id = {q.id: q for q in questions}
     changed = []
-    with ResultStore(job.output_dir, ROLLOUTS_NAME, job.shard_index if sharded else None) as store:
+    with ResultStore(job.output_dir, name, job.shard_index if sharded else None) as store:
         for record in store.records():
-            q = by_id.get(str(record.get("id")))
-            if q is None:
+            item_id = str(record.get("id"))
+            if item_id not in current:
                 continue
-            old = {"question": record.get("question"), "answer": record.get("answer"),
-                   "image": record.get(q.image_key) if q.image_key else record.get("image", record.get("images")),
-                   "meta": record.get("meta", {})}
-            if old != _content(q):
-                changed.append((q.id, sorted(k for k in old if old[k] != _content(q)[k])))
+            old, new = recorded(record, item_id), current[item_id]
+            if old is None or old == new:
+                continue
+            fields = sorted(k for k in new if old.get(k) != new[k]) if isinstance(new, dict) else ["content"]
+            changed.append((item_id, fields))
     if changed:
-        qid, fields = changed[0]
-        raise JobInputError(f"{store.path}: id {qid!r}: the input item changed since its record was made "
+        item_id, fields = changed[0]
+        raise JobInputError(f"{store.path}: id {item_id!r}: the input item changed since its record was made "
                             f"({', '.join(fields)}; {len(changed)} changed item(s) in all); use a new output_dir, "
                             "or --resume false to move the old records aside")
 

@@ -483,6 +483,25 @@ def resume_changed_input(tmp):
 
 
 @case
+def pairs_resume_changed_input(tmp):
+    rollouts = jsonl(tmp / "r.jsonl", rollout_record())
+    assert cli.main(pairs_argv(tmp, rollouts)) == 0
+    changed = rollout_record()
+    changed["responses"][1]["text"] = "1 + 2 = 5. Answer: \\boxed{5}"
+    jsonl(rollouts, changed)
+    return pairs_argv(tmp, rollouts), 2, ["pair_groups.jsonl", "id 'q1'", "input item changed", "rollout record"]
+
+
+@case
+def label_steps_resume_changed_input(tmp):
+    solution = {"id": "q1", "question": "What is 1 + 2?", "answer": "3", "solution": "1 + 2 = 3.\n\nAnswer: \\boxed{3}"}
+    solutions = jsonl(tmp / "s.jsonl", solution)
+    assert cli.main(label_argv(tmp, solutions)) == 0
+    jsonl(solutions, solution | {"answer": "4"})
+    return label_argv(tmp, solutions), 2, ["mc.jsonl", "id 'q1#0'", "input item changed", "answer"]
+
+
+@case
 def bon_duplicate_ids(tmp):
     png(tmp / "data" / "a.png")
     data = jsonl(tmp / "data" / "questions.jsonl", bon_question(), bon_question())
