@@ -1,6 +1,7 @@
 """`mmalign demo`: the InternVL3 post-training loop in miniature, end to end on a CPU.
 
-Stages (each one of the project's own jobs with a recipe of `recipes/demo/`, each in its own folder under
+Stages (each one of the project's own jobs with a recipe of `data_gen/recipes/demo/`, shipped inside the package,
+each in its own folder under
 `output_dir`, each skipped on a rerun once finished; an interrupted stage resumes as its job does):
 
     questions        tile-sum questions written as JSON lines + PNGs (train and held-out test splits)
@@ -18,17 +19,25 @@ Stages (each one of the project's own jobs with a recipe of `recipes/demo/`, eac
 
 Output: `report.md`, `metrics.json`, `bon_curve.png`, `mpo_training.png` and the stage folders.
 
-    mmalign demo [--quick] [--output_dir runs/demo] [--config recipes/demo/demo.yaml] [--field value ...]
+    mmalign demo [--quick] [--seed S] [--output_dir runs/demo] [--config RECIPE.yaml] [--field value ...]
+
+`--seed S` seeds every stage: the SFT initialisation and data order, the rollouts, the DropoutNTP continuations,
+MPO, both label stages, the PRM and the evaluation samples (each job gets `--seed S`; per-item seeds derive from it
+and the item ids). The questions themselves stay the same for every seed, so seeds compare on one test set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import platform
+import resource
 import shutil
 import sys
 import time
+from importlib.resources import files
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,15 +48,18 @@ from rlhf.errors import UserError
 
 logger = logging.getLogger("mmalign.demo")
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "demo"
+RECIPES = Path(str(files("data_gen") / "recipes" / "demo"))  # package data: present in a wheel install too
 STAGE_FILE = "stage_done.json"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 TEST_START = 0  # test items are their own split; train questions start after the SFT items (no overlap)
 ROLLOUT_START = 1_000_000
 # targets of the issue, shown in the report
-TARGETS = {"mpo_gain": 0.10, "bon_vs_majority": 0.03, "bon_vs_random": 0.08, "prm_step_f1_exact": 0.75,
+TARGETS = {"mpo_gain": 0.10, "bon_vs_majority": 0.05, "bon_vs_random": 0.08, "prm_step_f1_exact": 0.80,
+           "reading_auc": 0.80, "sum_auc": 0.90, "ablated_reading_auc_max": 0.60, "bon_vs_ablated": 0.05,
            "full_minutes": 20.0, "quick_minutes": 3.0}
+# the SFT policy's greedy accuracy where MPO and Best-of-N have room to show a gain (validation items)
+SFT_BAND = (0.35, 0.65)
 
 # `--quick`: the same stages, CI-sized (a couple of minutes on 2 CPU cores); these replace the recipes' values
 QUICK_SIZES = {"train_questions": 12, "label_questions": 4, "test_questions": 8, "bon_samples": 8,
@@ -90,7 +102,8 @@ class DemoArguments:
                 "to that step) or running_product (their product: with teacher forcing each P(+) assumes the steps "
                 "before it right, and a label means 'correct up to here')."})
     eval_batch_size: int = field(default=128, metadata={"help": "Sequences decoded together in evaluation."})
-    seed: int = field(default=0, metadata={"help": "Seed of the evaluation samples."})
+    seed: int = field(default=0, metadata={"help": "Seed of every stage (SFT init and data order, rollouts, pairs, "
+                                                    "MPO, label-steps, PRM, evaluation samples)."})
 
     def __post_init__(self) -> None:
         if self.quick:
@@ -113,6 +126,28 @@ class DemoArguments:
             raise UserError(f"demo: step_threshold must be in [0, 1), got {self.step_threshold}")
 
 
+USAGE_KEYS = ("cpu_seconds", "load_start", "load_end")
+
+
+def _load() -> float:
+    """The 1-minute load average (0.0 where the system has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return 0.0
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _recipe_digest(path: str) -> str:
+    """A recipe named by its content, so that a stage marker does not depend on where the package is installed."""
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 # -- stage bookkeeping -----------------------------------------------------------------------------------------------
 
 
@@ -122,7 +157,9 @@ class Demo:
         self.out = Path(args.output_dir)
         self.recipes = Path(args.recipes)
         self.timings: dict[str, float] = {}
+        self.usage: dict[str, dict[str, float | None]] = {}
         self.skipped: list[str] = []
+        self.warnings: list[str] = []  # one plain line each: a stage whose result leaves the next ones little room
 
     def recipe(self, name: str) -> str:
         path = self.recipes / f"{name}.yaml"
@@ -134,7 +171,9 @@ class Demo:
         return self.out / stage
 
     def stage(self, name: str, settings: dict[str, Any], fn: Callable[[Path], None], index: int, total: int):
-        """Run `fn(stage folder)` unless a finished marker with the same settings is there."""
+        """Run `fn(stage folder)` unless a finished marker with the same settings is there. The marker keeps the
+        stage's wall and CPU seconds (this process and its children) and the 1-minute load average at its start and
+        end: a slow stage on a busy machine shows a load above the core count and CPU seconds below the wall's."""
         folder = self.dir(name)
         marker = folder / STAGE_FILE
         settings = json.loads(json.dumps(settings))
@@ -143,17 +182,21 @@ class Demo:
             if done.get("settings") == settings:
                 logger.info("[demo %d/%d] %s: done earlier (%.0f s), skipped", index, total, name, done["seconds"])
                 self.timings[name] = done["seconds"]
+                self.usage[name] = {k: done.get(k) for k in USAGE_KEYS}
                 self.skipped.append(name)
                 return
             raise UserError(f"demo: {folder} was made with other settings; use another --output_dir or delete it")
         logger.info("[demo %d/%d] %s ...", index, total, name)
         folder.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
+        load_start, cpu_start, start = _load(), _cpu_seconds(), time.perf_counter()
         fn(folder)
         seconds = round(time.perf_counter() - start, 1)
-        marker.write_text(json.dumps({"seconds": seconds, "settings": settings}, indent=2) + "\n")
+        usage = {"cpu_seconds": round(_cpu_seconds() - cpu_start, 1), "load_start": load_start, "load_end": _load()}
+        marker.write_text(json.dumps({"seconds": seconds, **usage, "settings": settings}, indent=2) + "\n")
         self.timings[name] = seconds
-        logger.info("[demo %d/%d] %s: %.0f s", index, total, name, seconds)
+        self.usage[name] = usage
+        logger.info("[demo %d/%d] %s: %.0f s (CPU %.0f s; load %.2f -> %.2f)", index, total, name, seconds,
+                    usage["cpu_seconds"], load_start, usage["load_end"])
 
     def job_argv(self, stage: str, recipe: str, argv: list[str]) -> list[str]:
         return ["--config", self.recipe(recipe), *argv, *(QUICK_ARGS.get(stage, []) if self.args.quick else [])]
@@ -175,17 +218,20 @@ class Demo:
         stages: list[tuple[str, dict, Callable[[Path], None]]] = []
 
         def add_job(name: str, main: Callable[[list[str]], int], argv: list[str], recipe: str | None = None):
-            argv = self.job_argv(name, recipe or name, argv)
+            argv = self.job_argv(name, recipe or name, [*argv, "--seed", str(a.seed)])
+            settings = {"argv": [_recipe_digest(x) if i and argv[i - 1] == "--config" else x
+                                 for i, x in enumerate(argv)]}
 
             def go(folder: Path) -> None:
                 code = main(argv)
                 if code:
                     raise UserError(f"demo: stage {name} failed with exit status {code}")
-            stages.append((name, {"argv": argv}, go))
+            stages.append((name, settings, go))
 
         stages.append(("questions", {k: getattr(a, k) for k in ("train_questions", "test_questions")},
                        self.write_questions))
-        stages.append(("sft", {"quick": a.quick, "recipe": self.recipe("sft")}, self.train_sft))
+        stages.append(("sft", {"quick": a.quick, "seed": a.seed, "recipe": _recipe_digest(self.recipe("sft"))},
+                       self.train_sft))
         add_job("rollout", rollout.main, ["--questions", str(q / "train.jsonl"), "--model", str(sft_final),
                                           "--output_dir", str(self.dir("rollout"))])
         add_job("pairs", pairs.main, ["--rollouts", str(self.dir("rollout") / "rollouts.jsonl"),
@@ -209,13 +255,18 @@ class Demo:
             "--data", str(self.dir("label_steps") / "visualprm.jsonl"),
             "--eval_data", str(self.dir("heldout_labels") / "visualprm.jsonl"), "--output_dir",
             str(self.dir("prm")), "--system_prompt", a.prm_system_prompt])
-        stages.append(("evaluate", asdict(a), self.evaluate))
+        stages.append(("evaluate", {k: v for k, v in asdict(a).items() if k != "recipes"}, self.evaluate))
 
         start = time.perf_counter()
         for i, (name, settings, fn) in enumerate(stages, 1):
             self.stage(name, settings, fn, i, len(stages))
         metrics = json.loads((self.dir("evaluate") / METRICS_FILE).read_text())
+        metrics["warnings"] = [*sft_warnings(self.dir("sft"), a.quick), *metrics.get("warnings", [])]
+        for line in metrics["warnings"]:
+            logger.warning("demo: WARNING: %s", line)
         metrics["stage_seconds"] = self.timings
+        metrics["stage_usage"] = self.usage
+        metrics["seed"] = a.seed
         metrics["total_minutes"] = round(sum(self.timings.values()) / 60, 2)
         metrics["this_run_seconds"] = round(time.perf_counter() - start, 1)
         metrics["quick"] = a.quick
@@ -240,7 +291,8 @@ class Demo:
     def train_sft(self, folder: Path) -> None:
         from . import sft
 
-        argv = ["--config", self.recipe("sft"), "--output_dir", str(folder)] + (["--quick"] if self.args.quick else [])
+        argv = ["--config", self.recipe("sft"), "--output_dir", str(folder), "--seed", str(self.args.seed)]
+        argv += ["--quick"] if self.args.quick else []
         args = sft.parse(argv)
         kwargs = args.train_kwargs() | {"eval_items": 0}  # the evaluate stage measures every policy
         sft.train_sft(args.output_dir, **kwargs)
@@ -263,6 +315,30 @@ class Demo:
         from .demo_eval import evaluate
 
         evaluate(self, folder)
+
+
+def sft_warnings(folder: Path, quick: bool) -> list[str]:
+    """One plain line when the SFT policy ended outside `SFT_BAND` on its validation checks (none for --quick,
+    whose policy is barely trained by design)."""
+    from .sft import DONE_FILE
+
+    path = folder / DONE_FILE
+    if quick or not path.is_file():
+        return []
+    m = json.loads(path.read_text())["metrics"]
+    history = m.get("validation_history") or []
+    if not history:
+        return []
+    step, acc = history[-1]
+    lo, hi = SFT_BAND
+    if acc < lo:
+        return [f"the SFT policy did not reach the band where MPO and Best-of-N have room: greedy validation accuracy "
+                f"{100 * acc:.0f}% at step {step} (its step budget; band {100 * lo:.0f}-{100 * hi:.0f}%): the "
+                "targets below are unlikely to be met"]
+    if acc > hi:
+        return [f"the SFT policy overshot the band: greedy validation accuracy {100 * acc:.0f}% at step {step} (band "
+                f"{100 * lo:.0f}-{100 * hi:.0f}%): MPO and Best-of-N have little room"]
+    return []
 
 
 # -- command line ----------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import json
 import logging
 from itertools import accumulate
 from operator import mul
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,140 @@ def _step_scores(probs: list[float], how: str) -> list[float]:
     if how == "raw":
         return list(probs)
     return list(accumulate(probs, min if how == "running_min" else mul))
+
+
+STEP_KINDS = ("reading", "sum", "answer")
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A fixed permutation of range(n) with no fixed point (Sattolo's algorithm: a uniformly random n-cycle), the
+    same for the same (n, seed): question i is scored with the image of question result[i] in the ablation."""
+    import random
+
+    if n < 2:
+        raise ValueError(f"a derangement needs n >= 2, got {n}")
+    rng, order = random.Random(f"mmalign/demo/derangement/{seed}"), list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)  # j < i: never i itself, so the result is one cycle through every index
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def step_kind(step: str) -> str | None:
+    """The kind of a step (reading, sum, answer) by its first claim; None for an empty or unparseable step."""
+    from .task import claim_kind
+
+    lines = [line for line in step.splitlines() if line.strip()]
+    return claim_kind(lines[0]) if lines else None
+
+
+@dataclass
+class TestScores:
+    """The PRM's scores of every test response: Best-of-k inputs, the step scores judged against the exact labels,
+    and, per kind of step, (exact label, P(+)) of the steps whose earlier steps are all right (judged on their own)."""
+
+    questions: list = field(default_factory=list)
+    exact_labels: list[bool] = field(default_factory=list)
+    exact_probs: list[float] = field(default_factory=list)
+    raw_probs: list[float] = field(default_factory=list)  # every step's P(+), in scoring order
+    by_kind: dict[str, tuple[list[bool], list[float]]] = field(
+        default_factory=lambda: {kind: ([], []) for kind in STEP_KINDS})
+    scored: list[dict] = field(default_factory=list)
+
+    def auc_by_kind(self) -> dict[str, float | None]:
+        from reward.eval_job import step_auc
+
+        return {kind: None if (v := step_auc(*pair)) is None else round(v, 4) for kind, pair in self.by_kind.items()}
+
+    def image_sensitivity(self, other: "TestScores") -> float:
+        """Mean |P(+) here - P(+) there| over every step: 0.0 exactly for a PRM that does not read the pixels."""
+        if len(self.raw_probs) != len(other.raw_probs):
+            raise ValueError(f"{len(self.raw_probs)} step scores here, {len(other.raw_probs)} there")
+        diffs = [abs(x - y) for x, y in zip(self.raw_probs, other.raw_probs)]
+        return sum(diffs) / len(diffs) if diffs else 0.0
+
+    def balance_by_kind(self) -> dict[str, dict[str, int]]:
+        return {kind: {"right": sum(labels), "wrong": len(labels) - sum(labels)}
+                for kind, (labels, _) in self.by_kind.items()}
+
+
+def score_test_responses(scorer, records: list[dict], images: list[Image.Image], values: dict[str, list[int]],
+                         step_scores: str, desc: str) -> TestScores:
+    """Score the responses of each test record with the PRM, record i with `images[i]`."""
+    from tqdm.auto import tqdm
+
+    from reward.bon import QuestionResponses
+
+    from .task import step_truth
+
+    out = TestScores()
+    for r, image in tqdm(list(zip(records, images, strict=True)), desc=desc, unit="question"):
+        responses = [x for x in r["responses"] if not x.get("reference")]
+        scores = scorer.score_many(r["question"], [image], [x["text"] for x in responses])
+        out.questions.append(QuestionResponses([s.score for s in scores], [x["answer"] for x in responses],
+                                               [bool(x["correct"]) for x in responses]))
+        for x, s in zip(responses, scores):
+            steps = scorer.steps_of(x["text"])
+            truth = step_truth(values[r["id"]], steps)
+            out.exact_labels += truth
+            out.exact_probs += _step_scores(s.step_scores, step_scores)
+            out.raw_probs += s.step_scores
+            for i, (step, good, p) in enumerate(zip(steps, truth, s.step_scores)):
+                kind = step_kind(step)
+                if kind and (i == 0 or truth[i - 1]):  # judged on its own: every earlier step is right
+                    out.by_kind[kind][0].append(good)
+                    out.by_kind[kind][1].append(p)
+        out.scored.append({"id": r["id"], "scores": [round(s.score, 5) for s in scores],
+                           "correct": [bool(x["correct"]) for x in responses]})
+    return out
+
+
+def mc_agreement_by_kind(exact: list[bool], mc: list[bool], kinds: list[str | None]) -> dict[str, dict[str, Any]]:
+    """Per kind of step: how many steps, the share whose Monte Carlo label equals the exact one, and the macro-F1 of
+    the Monte Carlo labels against the exact ones (None where a kind has one class only)."""
+    from reward.eval_job import step_f1
+
+    out = {}
+    for kind in STEP_KINDS:
+        rows = [(e, m) for e, m, k in zip(exact, mc, kinds, strict=True) if k == kind]
+        if not rows:
+            out[kind] = {"steps": 0, "exact_right": 0, "mc_right": 0, "agreement": None, "macro_f1": None}
+            continue
+        e, m = zip(*rows)
+        both = len(set(e)) == 2
+        out[kind] = {"steps": len(rows), "exact_right": sum(e), "mc_right": sum(m),
+                     "agreement": round(sum(x == y for x, y in rows) / len(rows), 4),
+                     "macro_f1": round(step_f1(list(e), [float(y) for y in m], 0.5)["macro_f1"], 4) if both else None}
+    return out
+
+
+def mc_label_quality(mc_path: Path, values: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
+    """`mc_agreement_by_kind` of a label-steps output (mc.jsonl) against the task's exact step labels."""
+    from reward.formats import hard_label, read_jsonl
+
+    from .task import step_truth
+
+    exact, mc, kinds = [], [], []
+    for record in read_jsonl(mc_path, "mc"):
+        steps = [s.step for s in record.steps]
+        rid = str(record.meta.get("question_id") or record.id).rsplit("#", 1)[0]
+        if steps and rid in values:
+            exact += step_truth(values[rid], steps)
+            mc += [hard_label(s.score) for s in record.steps]
+            kinds += [step_kind(step) for step in steps]
+    return mc_agreement_by_kind(exact, mc, kinds)
+
+
+def prm_warnings(exact: dict[str, Any]) -> list[str]:
+    """One plain line when the PRM's step judgements on the test responses are all one class."""
+    tp_fn, tn_fp = exact["n_positive"], exact["n_negative"]
+    if exact["f1_positive"] == 0.0 and tp_fn:
+        return [f"the PRM judged every test step '-' ({tp_fn} of {tp_fn + tn_fp} steps are right): it learned one "
+                "class only, so its step scores say nothing about the steps"]
+    if exact["f1_negative"] == 0.0 and tn_fp:
+        return [f"the PRM judged every test step '+' ({tn_fp} of {tp_fn + tn_fp} steps are wrong): it learned one "
+                "class only, so its step scores say nothing about the steps"]
+    return []
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -66,17 +201,15 @@ def _policy_accuracy(path: Path, items, batch_size: int) -> tuple[float, list[st
 
 
 def evaluate(demo: "Demo", folder: Path) -> None:
-    from tqdm.auto import tqdm
-
-    from reward.bon import QuestionResponses, bon_metrics, markdown_table, plot_curve
-    from reward.eval_job import step_auc, step_f1
+    from reward.bon import bon_metrics, markdown_table, plot_curve
+    from reward.eval_job import step_f1
     from reward.formats import hard_label, read_jsonl
     from reward.scorer import PRMScorer
     from rlhf.models import load_model_and_processor
 
     from .demo import TEST_START
     from .rollout import pass_counts
-    from .task import TileSumTask, claim_kind, step_truth
+    from .task import TileSumTask, step_truth
 
     a = demo.args
     metrics: dict[str, Any] = {}
@@ -92,53 +225,46 @@ def evaluate(demo: "Demo", folder: Path) -> None:
                 f.write(json.dumps({"id": it.id, "answer": it.answer, "response": r}) + "\n")
         logger.info("greedy accuracy %s: %.3f (first errors %s)", name, acc, errors)
 
-    # 2. Best-of-k with the PRM
+    # 2. Best-of-k with the PRM, with each question's own image and, as an ablation, another question's image
     prm, processor = load_model_and_processor(str(demo.dir("prm") / "final"))
     prm.eval()
     scorer = PRMScorer(prm, processor, aggregation=a.aggregation, max_steps=MAX_STEPS, batch_size=16, max_patches=1,
                        step_split=a.step_split, system=a.prm_system_prompt or None)
     values = {r["id"]: r["values"] for r in _read_jsonl(demo.dir("questions") / "test.jsonl")}
     records = sorted(_read_jsonl(demo.dir("test_rollout") / "rollouts.jsonl"), key=lambda r: r["id"])
-    questions, exact_labels, exact_probs, scored = [], [], [], []
-    by_kind: dict[str, tuple[list[bool], list[float]]] = {"reading": ([], []), "sum": ([], []), "answer": ([], [])}
-    for r in tqdm(records, desc="PRM scoring", unit="question"):
-        responses = [x for x in r["responses"] if not x.get("reference")]
-        image = _image(r, demo.dir("questions"))
-        scores = scorer.score_many(r["question"], [image], [x["text"] for x in responses])
-        questions.append(QuestionResponses([s.score for s in scores], [x["answer"] for x in responses],
-                                           [bool(x["correct"]) for x in responses]))
-        for x, s in zip(responses, scores):
-            steps = scorer.steps_of(x["text"])
-            truth = step_truth(values[r["id"]], steps)
-            exact_labels += truth
-            exact_probs += _step_scores(s.step_scores, a.step_scores)
-            for i, (step, good, p) in enumerate(zip(steps, truth, s.step_scores)):
-                kind = claim_kind(step.splitlines()[0]) if step.strip() else None
-                if kind and (i == 0 or truth[i - 1]):  # judged on its own: every earlier step is right
-                    by_kind[kind][0].append(good)
-                    by_kind[kind][1].append(p)
-        scored.append({"id": r["id"], "scores": [round(s.score, 5) for s in scores],
-                       "correct": [bool(x["correct"]) for x in responses]})
+    images = [_image(r, demo.dir("questions")) for r in records]
+    swap = derangement(len(records), a.seed)
+    real = score_test_responses(scorer, records, images, values, a.step_scores, "PRM scoring")
+    ablated = score_test_responses(scorer, records, [images[j] for j in swap], values, a.step_scores,
+                                   "PRM scoring, images swapped")
     with (folder / "bon_scores.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(s) + "\n" for s in scored)
-    n = min(q.n for q in questions)
-    bon = bon_metrics(questions, ks=list(range(1, n + 1)))
+        f.writelines(json.dumps(s) + "\n" for s in real.scored)
+    n = min(q.n for q in real.questions)
+    bon = bon_metrics(real.questions, ks=list(range(1, n + 1)))
+    bon_ablated = bon_metrics(ablated.questions, ks=list(range(1, n + 1)))
     k8 = 8 if n >= 8 else n
     metrics |= {f"bon_prm_acc@{k8}": bon["prm_best_of_k"][k8], f"majority_acc@{k8}": bon["majority_vote"][k8],
-                f"random_acc@{k8}": bon["random"][k8], f"pass@{k8}": bon["pass_at_k"][k8]}
+                f"random_acc@{k8}": bon["random"][k8], f"pass@{k8}": bon["pass_at_k"][k8],
+                f"bon_prm_ablated_acc@{k8}": bon_ablated["prm_best_of_k"][k8]}
     metrics["bon"] = {m: {str(k): round(v, 4) for k, v in by_k.items()} for m, by_k in bon.items()}
+    metrics["bon"]["prm_best_of_k_image_ablated"] = {str(k): round(v, 4)
+                                                      for k, v in bon_ablated["prm_best_of_k"].items()}
     metrics["bon_table"] = markdown_table(bon)
-    plot_curve(bon, folder / "bon_curve.png", title=f"Best-of-k on {len(questions)} held-out questions "
+    plot_curve(bon, folder / "bon_curve.png", title=f"Best-of-k on {len(real.questions)} held-out questions "
                                                     f"({a.bon_policy.upper()} policy)")
 
     # 3. step judgements: exact labels of every test response, and the held-out Monte Carlo labels
-    exact = step_f1(exact_labels, exact_probs, a.step_threshold)
+    exact = step_f1(real.exact_labels, real.exact_probs, a.step_threshold)
     metrics["step_scores"] = a.step_scores
-    metrics["prm_step_auc"] = {kind: None if (v := step_auc(*pair)) is None else round(v, 4)
-                               for kind, pair in by_kind.items()}
+    metrics["prm_step_auc"] = real.auc_by_kind()
+    metrics["prm_step_auc_image_ablated"] = ablated.auc_by_kind()
     metrics["prm_step_f1_exact"] = round(exact["macro_f1"], 4)
+    metrics["prm_step_f1_exact_image_ablated"] = round(
+        step_f1(ablated.exact_labels, ablated.exact_probs, a.step_threshold)["macro_f1"], 4)
     metrics["prm_step_exact_detail"] = exact
-    mc_labels, mc_probs, mc_exact = [], [], []
+    metrics["prm_step_label_balance"] = real.balance_by_kind()
+    metrics["prm_image_sensitivity"] = round(real.image_sensitivity(ablated), 6)
+    mc_labels, mc_probs, mc_exact, mc_kinds = [], [], [], []
     heldout = demo.dir("heldout_labels")
     for record in read_jsonl(heldout / "mc.jsonl", "mc"):
         steps = [s.step for s in record.steps]
@@ -151,12 +277,16 @@ def evaluate(demo: "Demo", folder: Path) -> None:
         rid = str(record.meta.get("question_id") or record.id).rsplit("#", 1)[0]
         if rid in values:
             mc_exact += step_truth(values[rid], steps)
+            mc_kinds += [step_kind(step) for step in steps]
     mc = step_f1(mc_labels, mc_probs, a.step_threshold)
     metrics["prm_step_f1"] = round(mc["macro_f1"], 4)
     metrics["prm_step_mc_detail"] = mc
     if len(mc_exact) == len(mc_labels) and mc_labels:
         agree = step_f1(mc_exact, [1.0 if y else 0.0 for y in mc_labels], 0.5)
         metrics["mc_labels_vs_exact_f1"] = round(agree["macro_f1"], 4)
+        metrics["mc_labels_vs_exact_by_kind"] = mc_agreement_by_kind(mc_exact, mc_labels, mc_kinds)
+    train_values = {r["id"]: r["values"] for r in _read_jsonl(demo.dir("questions") / "train.jsonl")}
+    metrics["train_mc_labels_vs_exact_by_kind"] = mc_label_quality(demo.dir("label_steps") / "mc.jsonl", train_values)
     label_summary = demo.dir("label_steps") / "label_summary.json"
     if label_summary.is_file():
         metrics["label_steps"] = json.loads(label_summary.read_text())
@@ -166,6 +296,7 @@ def evaluate(demo: "Demo", folder: Path) -> None:
             metrics[f"{name}_summary"] = json.loads(path.read_text())
     correct, total, _ = pass_counts(demo.dir("rollout") / "rollouts.jsonl")
     metrics["train_pass_rate"] = round(correct / total, 4) if total else None
+    metrics["warnings"] = prm_warnings(exact)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("Best-of-%d: PRM %.3f, majority %.3f, random %.3f, pass %.3f; PRM step F1 %.3f (MC), %.3f (exact)",
                 k8, metrics[f"bon_prm_acc@{k8}"], metrics[f"majority_acc@{k8}"], metrics[f"random_acc@{k8}"],

@@ -23,8 +23,10 @@ from rlhf.errors import UserError
 
 from .formats import (
     ConversationRecord,
+    EmptyStepError,
     FormatError,
     MCRecord,
+    outcome_example,
     RecordKind,
     StepwiseRecord,
     mc_to_stepwise,
@@ -108,9 +110,12 @@ def detect_kind(obj: Any, data_format: DataFormat | str = DataFormat.AUTO) -> Re
     return found[0]
 
 
-def read_prm_records(path: str | Path, data_format: DataFormat | str = DataFormat.AUTO) -> list[tuple[int, Any]]:
-    """(line number, record) for every non-blank line; raises `PRMDataError` listing every bad line."""
-    records, problems, first = [], [], {}
+def read_prm_records(path: str | Path, data_format: DataFormat | str = DataFormat.AUTO,
+                     rejects: list[str] | None = None) -> list[tuple[int, Any]]:
+    """(line number, record) for every non-blank line; raises `PRMDataError` listing every bad line. A record with
+    an empty step (VisualPRM400K's raw files hold some) is skipped as a counted reject: logged, and appended to
+    `rejects` when given, instead of stopping the file."""
+    records, problems, first, empty = [], [], {}, []
     try:
         raw_lines = Path(path).read_bytes().splitlines()
     except OSError:
@@ -128,10 +133,17 @@ def read_prm_records(path: str | Path, data_format: DataFormat | str = DataForma
                 first[str(obj["id"])] = line_no
             obj = {k: v for k, v in obj.items() if k != FORMAT_FIELD}
             records.append((line_no, TRAINABLE[kind][1].from_json(obj)))
+        except EmptyStepError as err:
+            empty.append(str(err.at(path, line_no)))
         except FormatError as err:
             problems.append(str(err.at(path, line_no)))
     if problems:
         raise PRMDataError(problems)
+    if empty:
+        logger.warning("%s: %d record%s with an empty step skipped (rejects), e.g. %s", path, len(empty),
+                       "" if len(empty) == 1 else "s", empty[0])
+        if rejects is not None:
+            rejects += empty
     if not records:
         raise PRMDataError([f"{path}: expected at least one record, the file is empty"])
     return records
@@ -163,7 +175,7 @@ class PRMSource:
 
     name: str
     annotation: Path
-    image_root: Path
+    image_root: Path | None  # None: relative paths resolve against the annotation's folder, `..` allowed
     repeat_time: float = 1.0
     max_dynamic_patch: int | None = None  # None: the config's
 
@@ -176,7 +188,7 @@ def read_sources(path: str | Path, image_root: str | Path | None = None) -> list
     whose relative image paths resolve against `image_root` (default: its folder)."""
     path = Path(path)
     if path.suffix != ".json":
-        return [PRMSource(path.name, path, Path(image_root) if image_root is not None else path.parent)]
+        return [PRMSource(path.name, path, Path(image_root) if image_root is not None else None)]
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -228,6 +240,9 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
     for line_no, record in records:
         where = f"{path}:{line_no}"
         question, steps, labels, images = record_example(record)
+        if args.reward_level == "outcome":  # InternVL's ORM rows: the whole solution, judged by its last step
+            response = getattr(record, "meta", {}).get("response")
+            steps, labels = outcome_example(steps, labels, response if isinstance(response, str) else None)
         steps, labels = merge_steps(steps, labels, args.max_steps_per_solution)
         try:  # label-steps writes paths relative to its output folder, `..` included: without a root, those stay
             resolved = [str(resolve_image(root, p)) if confined else

@@ -57,6 +57,16 @@ def test_quick_demo_writes_report_metrics_and_plots(quick_run):
     assert set(metrics["prm_step_auc"]) == {"reading", "sum", "answer"}
     assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["prm_step_auc"].values())
     assert "prm_step_auc (reading steps)" in report
+    # the image ablation ran: the same keys as with the real images, and the trained PRM's scores move with the pixels
+    assert set(metrics["prm_step_auc_image_ablated"]) == {"reading", "sum", "answer"}
+    assert 0.0 <= metrics["bon_prm_ablated_acc@8"] <= 1.0
+    assert metrics["prm_image_sensitivity"] > 0.0
+    assert "images swapped" in report and "Best-of-8 with swapped images" in report
+    # each stage's CPU seconds and load average are in the metrics and the report
+    assert set(metrics["stage_usage"]) == set(STAGES)
+    assert all(u["cpu_seconds"] >= 0 and u["load_start"] >= 0 for u in metrics["stage_usage"].values())
+    assert "| stage | what | wall s | CPU s | load start -> end |" in report
+    assert set(metrics["train_mc_labels_vs_exact_by_kind"]) == {"reading", "sum", "answer"}
 
 
 def test_rerun_skips_finished_stages(quick_run, caplog):

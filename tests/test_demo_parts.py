@@ -1,0 +1,187 @@
+"""The demo's pieces that the quick run cannot check by its numbers: the image ablation, per-kind agreement, the
+band and one-class warnings, per-stage seeds and usage, and the recipes shipped inside the package."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_gen import demo
+from data_gen.demo_eval import derangement, mc_agreement_by_kind, prm_warnings, score_test_responses, step_kind
+from data_gen.task import TileSumTask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n, seed", [(2, 0), (3, 1), (10, 0), (300, 0), (300, 4)])
+def test_derangement_moves_every_question_and_is_fixed_by_seed(n, seed):
+    order = derangement(n, seed)
+    assert sorted(order) == list(range(n))
+    assert all(order[i] != i for i in range(n))
+    assert derangement(n, seed) == order
+    assert n == 2 or derangement(n, seed + 1) != order
+
+
+def test_derangement_needs_two_items():
+    with pytest.raises(ValueError, match="n >= 2"):
+        derangement(1, 0)
+
+
+def test_step_kind_of_step_split_pieces():
+    assert [step_kind(s) for s in ["The tiles show 3,", "7,", "and 9.", "3 + 7 = 10.", "Answer: \\boxed{10}",
+                                   "", "hello"]] == ["reading", "reading", "reading", "sum", "answer", None, None]
+
+
+def test_mc_agreement_by_kind_worked_numbers():
+    # reading: exact (+, +, -, -), MC (+, -, -, -): 3 of 4 agree; F1(+) = 2/3 (tp 1, fn 1), F1(-) = 0.8 (tn 2, fp 1)
+    # -> macro 0.7333; sum: exact (+, +), MC (+, -): one class in the exact labels, no F1; answer: none
+    exact = [True, True, False, False, True, True]
+    mc = [True, False, False, False, True, False]
+    kinds = ["reading"] * 4 + ["sum"] * 2
+    out = mc_agreement_by_kind(exact, mc, kinds)
+    assert out["reading"] == {"steps": 4, "exact_right": 2, "mc_right": 1, "agreement": 0.75, "macro_f1": 0.7333}
+    assert out["sum"] == {"steps": 2, "exact_right": 2, "mc_right": 1, "agreement": 0.5, "macro_f1": None}
+    assert out["answer"] == {"steps": 0, "exact_right": 0, "mc_right": 0, "agreement": None, "macro_f1": None}
+
+
+def test_prm_one_class_warning():
+    everything_plus = {"f1_positive": 0.8, "f1_negative": 0.0, "n_positive": 8, "n_negative": 2}
+    assert "judged every test step '+' (2 of 10 steps are wrong)" in prm_warnings(everything_plus)[0]
+    everything_minus = {"f1_positive": 0.0, "f1_negative": 0.5, "n_positive": 3, "n_negative": 3}
+    assert "judged every test step '-'" in prm_warnings(everything_minus)[0]
+    assert prm_warnings({"f1_positive": 0.7, "f1_negative": 0.6, "n_positive": 5, "n_negative": 5}) == []
+
+
+@pytest.mark.parametrize("history, message", [
+    ([[400, 0.1], [1000, 0.19]], "did not reach the band where MPO and Best-of-N have room: greedy validation accuracy 19% at step 1000"),
+    ([[400, 0.2], [420, 0.9]], "overshot the band: greedy validation accuracy 90% at step 420"),
+    ([[400, 0.2], [420, 0.5]], None)])
+def test_sft_band_warning(tmp_path, history, message):
+    (tmp_path / "sft_done.json").write_text(json.dumps({"metrics": {"validation_history": history}}))
+    got = demo.sft_warnings(tmp_path, quick=False)
+    assert (got == []) if message is None else message in got[0]
+    assert demo.sft_warnings(tmp_path, quick=True) == []
+
+
+def _records(task, n):
+    items = task.items("test", n)
+    records = [{"id": it.id, "question": it.question,
+                "responses": [{"text": it.solution, "answer": it.answer, "correct": True},
+                              {"text": it.solution.replace(str(it.values[0]), str(it.values[0] % 9 + 1), 1),
+                               "answer": "0", "correct": False}]} for it in items]
+    return items, records
+
+
+def test_image_ablation_separates_a_prm_that_reads_pixels_from_one_that_does_not():
+    """The same PRM, the same responses, each image swapped for another question's: a tiny PRM (random weights,
+    so its scores depend on every input) scores them differently; with the vision tower's output zeroed, the
+    language model sees no pixels and the scores are identical to the last bit."""
+    from reward.scorer import PRMScorer
+    from rlhf.tiny import build_internvl, build_processor
+
+    task = TileSumTask()
+    items, records = _records(task, 3)
+    values = {it.id: it.values for it in items}
+    images = [it.image for it in items]
+    swapped = [images[j] for j in derangement(len(images), 0)]
+    processor = build_processor()
+    model = build_internvl(processor, seed=0).eval()
+    scorer = PRMScorer(model, processor, max_patches=1, system=None)
+    real = score_test_responses(scorer, records, images, values, "raw", "real")
+    ablated = score_test_responses(scorer, records, swapped, values, "raw", "swapped")
+    assert len(real.raw_probs) == len(ablated.raw_probs) > 0
+    assert real.image_sensitivity(ablated) > 1e-4
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: torch.zeros_like(out))
+    try:
+        blind = score_test_responses(scorer, records, images, values, "raw", "blind")
+        blind_swapped = score_test_responses(scorer, records, swapped, values, "raw", "blind, swapped")
+    finally:
+        hook.remove()
+    assert blind.image_sensitivity(blind_swapped) == 0.0
+    assert blind.raw_probs != real.raw_probs
+    # the exact labels follow the responses, not the images: the gold solution is right, the misread one wrong
+    assert real.exact_labels == ablated.exact_labels
+    assert real.by_kind["reading"][0] == [True, False] * 3
+
+
+def test_every_stage_gets_the_demo_seed_and_markers_hold_usage(tmp_path, monkeypatch):
+    """--seed S reaches every job's argv and the SFT stage; each finished stage's marker has its CPU seconds and
+    the load average at its start and end (fake stages: the wiring only)."""
+    seen: dict[str, list[str]] = {}
+
+    def fake(name):
+        def main(argv):
+            seen.setdefault(name, []).append(argv)
+            return 0
+        return main
+
+    d = demo.Demo(demo.parse(["--output_dir", str(tmp_path), "--seed", "3"]))
+    calls = []
+    d.stage("x", {"a": 1}, lambda folder: calls.append(folder), 1, 1)
+    marker = json.loads((tmp_path / "x" / demo.STAGE_FILE).read_text())
+    assert set(demo.USAGE_KEYS) <= set(marker) and marker["cpu_seconds"] >= 0 and marker["load_start"] >= 0
+    d.stage("x", {"a": 1}, lambda folder: calls.append(folder), 1, 1)  # done earlier: skipped, usage kept
+    assert len(calls) == 1 and d.usage["x"]["cpu_seconds"] == marker["cpu_seconds"]
+    monkeypatch.setattr(demo.Demo, "stage", lambda self, name, settings, fn, i, n: seen.setdefault(name, settings))
+    with pytest.raises(FileNotFoundError):
+        d.run()  # the fake stages write nothing for the report to read
+    jobs = [k for k, v in seen.items() if isinstance(v, dict) and "argv" in v]
+    assert set(jobs) == {"rollout", "pairs", "mpo", "test_rollout", "label_steps", "heldout_labels", "prm"}
+    for name in jobs:
+        argv = seen[name]["argv"]
+        assert argv[argv.index("--seed") + 1] == "3", name
+        assert argv[argv.index("--config") + 1].startswith("sha256:"), name  # recipes named by content
+    assert seen["sft"]["seed"] == 3
+
+
+def test_wheel_ships_the_demo_recipes(tmp_path):
+    """`pip install .` (not editable) must carry the stage recipes: `mmalign demo` reads them from the package."""
+    import shutil
+
+    src = tmp_path / "src"  # a copy: the build writes build/ and *.egg-info beside the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for package in ("rlhf", "reward", "data_gen"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("mmalign-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for recipe in ("demo", "sft", "rollout", "pairs", "mpo", "label_steps", "prm"):
+        assert f"data_gen/recipes/demo/{recipe}.yaml" in names, recipe
+    assert demo.RECIPES.is_dir() and (demo.RECIPES / "demo.yaml").is_file()
+
+
+def test_seed_table_min_median_max_and_missed_targets():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import demo_seeds
+
+    base = {"sft_greedy_acc": 0.5, "mpo_greedy_acc": 0.7, "bon_prm_acc@8": 0.7, "majority_acc@8": 0.5,
+            "random_acc@8": 0.45, "pass@8": 0.9, "bon_prm_ablated_acc@8": 0.5, "prm_step_f1_exact": 0.85,
+            "prm_step_auc": {"reading": 0.9, "sum": 0.95}, "prm_step_auc_image_ablated": {"reading": 0.5},
+            "mc_labels_vs_exact_f1": 0.9, "total_minutes": 18.0, "sweep": {"load_start": 0.1, "load_end": 2.0}}
+    worse = base | {"mpo_greedy_acc": 0.55, "total_minutes": 21.0}  # MPO +5 points, too slow
+    third = base | {"mpo_greedy_acc": 0.8}
+    per_seed = {0: base, 1: worse, 2: third}
+    text = demo_seeds.table(per_seed, quick=False)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()[2:]}
+    assert rows["**min**"][1] == "55.0%" and rows["**median**"][1] == "70.0%" and rows["**max**"][1] == "80.0%"
+    assert rows["**min**"][-3] == "18.0" and rows["**max**"][-3] == "21.0"
+    assert rows["0"][-2] == "9 / 9" and rows["1"][-2] == "7 / 9"
+    assert demo_seeds.missed(per_seed, quick=False) == [
+        "seed 1: MPO greedy >= SFT greedy + 10 points (55.0% vs 50.0%)", "seed 1: full run <= 20 minutes (21.0 min)"]
