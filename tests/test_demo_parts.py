@@ -185,3 +185,33 @@ def test_seed_table_min_median_max_and_missed_targets():
     assert rows["0"][-2] == "9 / 9" and rows["1"][-2] == "7 / 9"
     assert demo_seeds.missed(per_seed, quick=False) == [
         "seed 1: MPO greedy >= SFT greedy + 10 points (55.0% vs 50.0%)", "seed 1: full run <= 20 minutes (21.0 min)"]
+
+
+def test_step_scores_line_up_with_the_steps_they_judge():
+    """What the demo's AUCs rest on: the scorer's pieces of a response are `steps_of(text)`, one P(+) per piece, in
+    order; scoring the pieces as a list gives the same numbers; `step_truth` judges the same pieces; and the kinds
+    follow the reading cut per value ("The tiles show 3," / "7," / "5" / "and 9.")."""
+    from reward.scorer import PRMScorer
+    from rlhf.tiny import build_internvl, build_processor
+
+    split = demo.parse([]).step_split
+    processor = build_processor()
+    scorer = PRMScorer(build_internvl(processor, seed=0).eval(), processor, max_patches=1, system=None,
+                       max_steps=12, step_split=split)
+    item = TileSumTask().item("test", 0)
+    wrong = item.solution.replace(f"show {item.values[0]},", f"show {item.values[0] % 9 + 1},", 1)
+    for text in (item.solution, wrong):
+        steps = scorer.steps_of(text)
+        got = scorer.score_many(item.question, [item.image], [text, steps])
+        assert len(got[0].step_scores) == len(steps) == len(step_truth_of(item, steps))
+        assert got[0].step_scores == pytest.approx(got[1].step_scores, abs=1e-6)
+        n = len(item.values)
+        assert [step_kind(s) for s in steps] == ["reading"] * n + ["sum"] * (n - 1) + ["answer"]
+    assert step_truth_of(item, scorer.steps_of(wrong)) == [False] * len(scorer.steps_of(wrong))
+    assert all(step_truth_of(item, scorer.steps_of(item.solution)))
+
+
+def step_truth_of(item, steps):
+    from data_gen.task import step_truth
+
+    return step_truth(item.values, steps)
