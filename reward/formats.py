@@ -110,13 +110,18 @@ class FormatError(UserError, ValueError):
 
     def at(self, path: str | Path, line: int) -> FormatError:
         """The same error, located in a file."""
-        return FormatError(self.field, self.expected, path=path, line=line)
+        return type(self)(self.field, self.expected, path=path, line=line)
 
     def under(self, prefix: str) -> FormatError:
         """The same error with the field nested under `prefix` (e.g. `conversations`)."""
         inner = self.field or ""
         nested = prefix + (inner if inner.startswith("[") else f".{inner}" if inner else "")
-        return FormatError(nested, self.expected, path=self.path, line=self.line)
+        return type(self)(nested, self.expected, path=self.path, line=self.line)
+
+
+class EmptyStepError(FormatError):
+    """A solution step that is empty or only whitespace. The PRM job skips such a record as a counted reject (it
+    happens in VisualPRM400K's raw files); every other format error stops the job."""
 
 
 class JudgementTokenError(UserError, ValueError):
@@ -183,11 +188,18 @@ def _image_json(images: list[str]) -> dict[str, Any]:
     return {} if not images else {"image": images[0] if len(images) == 1 else list(images)}
 
 
+def _step_text(value: Any, name: str) -> str:
+    """A step: a non-empty string (`EmptyStepError` for an empty or blank one)."""
+    if isinstance(value, str) and not value.strip():
+        raise EmptyStepError(name, f"a non-empty step, got {_show(value)}")
+    return _text(value, name)
+
+
 def _steps(value: Any, name: str = "steps") -> list[str]:
     if not isinstance(value, list) or not value:
         raise _fail(name, "a non-empty list of steps (strings)", value)
     for i, step in enumerate(value):
-        _text(step, f"{name}[{i}]")
+        _step_text(step, f"{name}[{i}]")
     return list(value)
 
 
@@ -281,6 +293,17 @@ def to_visualprm_conversation(question: str, steps: Sequence[str], labels: Seque
     return conversation
 
 
+def outcome_example(steps: Sequence[str], labels: Sequence[bool | float], response: str | None = None
+                    ) -> tuple[list[str], list[bool | float]]:
+    """The outcome-reward (ORM) variant of one labelled solution, as InternVL's VisualPRM pipeline writes it: the
+    whole solution in one turn (`response` when given, else the steps joined by blank lines, stripped), judged by
+    its LAST step's label. `to_visualprm_conversation` of the result is InternVL's ORM conversation."""
+    if not steps:
+        raise _fail("steps", "a non-empty list of steps", list(steps))
+    whole = response.strip() if isinstance(response, str) and response.strip() else join_steps(steps).strip()
+    return [whole], [labels[-1]]
+
+
 def from_visualprm_conversation(conversations: Any, *, system: str = PRM_SYSTEM_PROMPT
                                 ) -> tuple[str, list[str], list[bool]]:
     """Parse a VisualPRM400K conversation back into (question, steps, labels). Raises `FormatError` naming the
@@ -308,7 +331,7 @@ def from_visualprm_conversation(conversations: Any, *, system: str = PRM_SYSTEM_
     question = _text(question, "[1].value (question)")
     steps = [step_1] + [turn["value"] for turn in conversations[3::2]]
     for i, step in enumerate(steps):
-        _text(step, f"[{2 * i + 1}].value", blank_ok=False)
+        _step_text(step, f"[{2 * i + 1}].value")
     labels = []
     for i, turn in enumerate(conversations[2::2]):
         if turn["value"] not in tuple(Judgement):
@@ -385,7 +408,7 @@ class MCStep:
     num_mc_total: int
 
     def validate(self, name: str) -> MCStep:
-        self.step = _text(self.step, f"{name}.step")
+        self.step = _step_text(self.step, f"{name}.step")
         self.score = _unit_interval(self.score, f"{name}.score")
         self.num_mc_correct = _count(self.num_mc_correct, f"{name}.num_mc_correct")
         self.num_mc_total = _count(self.num_mc_total, f"{name}.num_mc_total")

@@ -92,6 +92,10 @@ class VisualPRMConfig(TrainingArguments):
         "help": "What earlier judgement tokens hold in a training row: 'label' (published: the true labels, teacher "
                 "forcing) or 'plus' (ours: every earlier judgement written as '+', exactly what PRMScorer feeds at "
                 "inference; stops the PRM from copying the previous label, a shortcut scoring cannot use)."})
+    reward_level: str = field(default="process", metadata={
+        "help": "'process' (VisualPRM: one judgement per step) or 'outcome' (the outcome-reward variant of "
+                "InternVL's pipeline: the whole solution in one turn, judged by its last step's label).",
+        "choices": ["process", "outcome"]})
     system_prompt: str = field(default=PRM_SYSTEM_PROMPT, metadata={
         "help": "The system turn of every training row (default: the published PRM prompt, which the released "
                 "checkpoint expects); '' for none. Score with the same one (PRMScorer system, bon --system_prompt)."})
@@ -109,6 +113,9 @@ class VisualPRMConfig(TrainingArguments):
             if value not in {e.value for e in enum}:
                 raise PRMConfigError(f"VisualPRMConfig.{name} must be one of {_choices(enum)}, got {value!r}")
             setattr(self, name, enum(value).value)
+        if self.reward_level not in ("process", "outcome"):
+            raise PRMConfigError(f"VisualPRMConfig.reward_level must be 'process' or 'outcome', got "
+                                 f"{self.reward_level!r}")
         if self.judgement_context not in ("label", "plus"):
             raise PRMConfigError(f"VisualPRMConfig.judgement_context must be 'label' or 'plus', got "
                                  f"{self.judgement_context!r}")

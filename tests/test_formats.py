@@ -56,7 +56,7 @@ def test_system_prompt_is_the_published_constant():
 @pytest.mark.skipif(not REFERENCE.exists(), reason="reference document not in this checkout")
 def test_system_prompt_matches_reference_document():
     text = REFERENCE.read_text()
-    block = re.search(r"reproduced verbatim.*?```\n(.*?)\n```", text, re.S).group(1)
+    block = re.search(r"reproduced verbatim\s+for compatibility.*?```\n(.*?)\n```", text, re.S).group(1)
     assert PRM_SYSTEM_PROMPT == block
 
 
@@ -172,7 +172,7 @@ def _broken(edit):
          "field '[0].value': expected the PRM system prompt (reward.formats.PRM_SYSTEM_PROMPT)"),
         (lambda c: c[1].update({"value": "What is 2 + 2?\n\nStep one"}),
          "field '[1].value': expected '### Question:\\n'"),
-        (lambda c: c[5].update({"value": "  "}), "field '[5].value': expected a non-empty string"),
+        (lambda c: c[5].update({"value": "  "}), "field '[5].value': expected a non-empty step"),
         (lambda c: c[2].update({"weight": 1}), "field '[2]': expected a turn"),
     ],
 )
@@ -350,7 +350,7 @@ def _mc(**steps_edit):
         ("mc", _mc(score=0.5), "field 'steps_with_score[1].score': expected num_mc_correct / num_mc_total = 0.125"),
         ("mc", _mc(num_mc_correct=9), "field 'steps_with_score[1].num_mc_correct': expected at most num_mc_total (8)"),
         ("mc", _mc(num_mc_total=-8), "field 'steps_with_score[1].num_mc_total': expected a non-negative integer"),
-        ("mc", _mc(step=""), "field 'steps_with_score[1].step': expected a non-empty string, got ''"),
+        ("mc", _mc(step=""), "field 'steps_with_score[1].step': expected a non-empty step, got ''"),
         ("mc", {**MC_LINE, "steps_with_score": []}, "field 'steps_with_score': expected a non-empty list"),
         ("mc", {k: v for k, v in MC_LINE.items() if k != "question"}, "field 'question': expected this field"),
         ("mc", {**MC_LINE, "image": 5}, "field 'image': expected an image path or a list of image paths, got 5"),
