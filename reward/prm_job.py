@@ -175,7 +175,7 @@ class PRMSource:
 
     name: str
     annotation: Path
-    image_root: Path
+    image_root: Path | None  # None: relative paths resolve against the annotation's folder, `..` allowed
     repeat_time: float = 1.0
     max_dynamic_patch: int | None = None  # None: the config's
 
@@ -188,7 +188,7 @@ def read_sources(path: str | Path, image_root: str | Path | None = None) -> list
     whose relative image paths resolve against `image_root` (default: its folder)."""
     path = Path(path)
     if path.suffix != ".json":
-        return [PRMSource(path.name, path, Path(image_root) if image_root is not None else path.parent)]
+        return [PRMSource(path.name, path, Path(image_root) if image_root is not None else None)]
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
