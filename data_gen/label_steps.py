@@ -596,7 +596,8 @@ class LabelStepsArguments:
         "help": "Steps after the first '-' step get score 0 without continuations (the VisualPRM code's default; "
                 "the InternVL3 data turned it off)."})
     first_round: int = field(default=2, metadata={
-        "help": "adaptive: continuations of a step's first round; each later round draws as many as so far."})
+        "help": "adaptive and search: continuations of a step's first round; each later round draws as many as so "
+                "far."})
     label_threshold: float = field(default=0.0, metadata={"help": "A step is '+' iff its mc score > this."})
     answer_threshold: float = field(default=0.9, metadata={"help": "A continuation is correct iff its answer "
                                                                    "scores > this."})
