@@ -179,7 +179,7 @@ def truncate_at_divergence(chosen: str, rejected: str) -> tuple[str, int, int]:
     Why (ours): in a pair where the rejected response misreads a value, every later step of it is arithmetic that
     is right for the misread value; the preference term then pushes down correct arithmetic. On the demo's policy
     (51% greedy) MPO on whole pairs lowered greedy accuracy and on cut pairs raised it (numbers in
-    recipes/demo/pairs.yaml)."""
+    data_gen/recipes/demo/pairs.yaml)."""
     chosen_steps = split_steps(chosen)
     pieces, start = [], 0
     for m in STEP_BREAK.finditer(rejected):  # the step breaks of split_steps

@@ -11,7 +11,7 @@ format, so that its greedy accuracy is well below its pass@8: the room that MPO,
   `OUTPUT_DIR/sft_done.json` (settings and metrics: loss, timings, greedy accuracy, pass@k); a rerun with the same
   settings finds that marker and returns at once.
 
-    mmalign demo-sft --config recipes/demo/sft.yaml [--quick] [--field value ...]
+    mmalign demo-sft --config data_gen/recipes/demo/sft.yaml [--quick] [--field value ...]
 """
 
 from __future__ import annotations
@@ -207,6 +207,7 @@ def train_sft(
     seed: int = 0,
     sizes: TinySizes = TinySizes(),
     task: TileSumTask = TileSumTask(),
+    train_task: TileSumTask | None = None,
     num_train_items: int | None = None,
     lr_scheduler_type: str = "cosine",
     warmup_steps: float = 0.05,
@@ -226,7 +227,9 @@ def train_sft(
 ) -> Path:
     """Train (or resume, or find finished) the warm-up policy in `output_dir`; returns the `final` folder.
 
-    `num_train_items` distinct training items are used (default `steps * batch_size`: no item seen twice). After
+    `num_train_items` distinct training items are used (default `steps * batch_size`: no item seen twice), drawn
+    from `train_task` (default `task`; a curriculum by mixture trains on more kinds of boards, e.g. fewer tiles,
+    than the task the policy is validated and evaluated on). After
     training, `eval_items` test items are answered greedily and, when `eval_samples` > 0, sampled that many times at
     `eval_temperature`; the accuracies go into `sft_done.json` with the loss and timings, and the greedy responses
     into `greedy_responses.jsonl`. `callbacks` are extra `TrainerCallback`s (progress reporting, tests).
@@ -253,7 +256,8 @@ def train_sft(
     final = output_dir / FINAL_DIR
     num_train_items = num_train_items or steps * batch_size
     settings = _settings(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, sizes=sizes,
-                         task=task, num_train_items=num_train_items, lr_scheduler_type=lr_scheduler_type,
+                         task=task, **({"train_task": train_task} if train_task not in (None, task) else {}),
+                         num_train_items=num_train_items, lr_scheduler_type=lr_scheduler_type,
                          warmup_steps=warmup_steps, weight_decay=weight_decay,
                          **({"stop_at_accuracy": stop_at_accuracy, "stop_check_every": stop_check_every,
                              "stop_check_after": stop_check_after, "stop_check_items": stop_check_items}
@@ -287,7 +291,8 @@ def train_sft(
                                stop_check_items) if stop_at_accuracy is not None else None)
     callbacks = [*callbacks, *([stopper] if stopper else [])]
     trainer = _sft_trainer_class()(
-        model=model, args=args, train_dataset=TileSumItems(task, num_train_items), data_collator=SFTCollator(processor),
+        model=model, args=args, train_dataset=TileSumItems(train_task or task, num_train_items),
+        data_collator=SFTCollator(processor),
         processing_class=processor, callbacks=[timer, *callbacks])
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if last:
@@ -344,7 +349,7 @@ def _evaluate(model, processor, task: TileSumTask, n_items: int, n_samples: int,
 
 @dataclass
 class SFTArguments:
-    """`mmalign demo-sft` settings (recipes/demo/sft.yaml); see `train_sft` for what each does."""
+    """`mmalign demo-sft` settings (data_gen/recipes/demo/sft.yaml); see `train_sft` for what each does."""
 
     output_dir: str = field(default="runs/demo/sft", metadata={"help": "Run folder (checkpoints, final, marker)."})
     steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
@@ -358,6 +363,8 @@ class SFTArguments:
         "help": "Distinct training items (default steps * batch_size: each item seen once)."})
     min_tiles: int = field(default=TileSumTask.min_tiles, metadata={"help": "Fewest tiles per image."})
     max_tiles: int = field(default=TileSumTask.max_tiles, metadata={"help": "Most tiles per image."})
+    train_min_tiles: int | None = field(default=None, metadata={
+        "help": "Fewest tiles per training image (None: min_tiles); validation and evaluation keep min_tiles."})
     vision_hidden: int = field(default=TinySizes.vision_hidden, metadata={"help": "Vision tower width."})
     vision_layers: int = field(default=TinySizes.vision_layers, metadata={"help": "Vision tower depth."})
     text_hidden: int = field(default=TinySizes.text_hidden, metadata={"help": "Language model width."})
@@ -379,12 +386,14 @@ class SFTArguments:
 
     def train_kwargs(self) -> dict[str, Any]:
         args = replace(self, **QUICK) if self.quick else self
-        task_fields = {"min_tiles", "max_tiles"}
+        task_fields = {"min_tiles", "max_tiles", "train_min_tiles"}
         skip = task_fields | set(SIZE_FIELDS) | {"output_dir", "quick"}
         kwargs = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in skip}
         kwargs["sizes"] = replace(TinySizes(), **{name: getattr(args, name) for name in SIZE_FIELDS})
         try:
             kwargs["task"] = TileSumTask(min_tiles=args.min_tiles, max_tiles=args.max_tiles)
+            if args.train_min_tiles is not None:
+                kwargs["train_task"] = TileSumTask(min_tiles=args.train_min_tiles, max_tiles=args.max_tiles)
         except UserError as err:
             raise UserError(f"demo SFT recipe: {err}") from None
         return kwargs

@@ -30,7 +30,7 @@ from rlhf.errors import UserError
 from rlhf.processing import IM_END, InternVLChatProcessor
 from rlhf.tiny import TinySizes, build_internvl
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "sft.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "data_gen" / "recipes" / "demo" / "sft.yaml"
 # 6 steps of 8 items, a checkpoint every 3 steps, 4 greedy test items and 2 samples each: a few seconds on a CPU
 RUN = dict(steps=6, batch_size=8, learning_rate=2e-3, seed=0, save_steps=3, logging_steps=3, eval_items=4,
            eval_samples=2, eval_batch_size=4, progress=False)
@@ -172,6 +172,17 @@ def test_recipe_and_quick_variant():
     assert quick.output_dir == "elsewhere"
     assert {k: quick.train_kwargs()[k] for k in QUICK} == QUICK
     assert QUICK["steps"] * QUICK["batch_size"] <= 100  # under a minute on 2 CPU cores
+
+
+def test_curriculum_by_mixture_trains_on_fewer_tiles_and_validates_on_the_task():
+    args = parse(["--config", str(RECIPE), "--train_min_tiles", "1"])
+    kwargs = args.train_kwargs()
+    assert kwargs["task"] == TileSumTask(min_tiles=4, max_tiles=5)
+    assert kwargs["train_task"] == TileSumTask(min_tiles=1, max_tiles=5)
+    from data_gen.sft import TileSumItems
+
+    counts = {len(TileSumItems(kwargs["train_task"], 200)[i]["solution"].split("\n\n")) - 1 for i in range(200)}
+    assert counts == {1, 2, 3, 4, 5}  # reading + (n - 1) sums + answer = n + 1 steps: 1 to 5 tiles
 
 
 # -- the accuracy helpers ----------------------------------------------------------------------------------------
