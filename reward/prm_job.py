@@ -33,6 +33,7 @@ from .formats import (
     parse_jsonl_line,
 )
 from .prm_trainer import OverflowAction, VisualPRMConfig
+from .prompts import prm_question
 from .steps import join_steps
 
 logger = logging.getLogger("mmalign.prm")
@@ -240,6 +241,12 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
     for line_no, record in records:
         where = f"{path}:{line_no}"
         question, steps, labels, images = record_example(record)
+        try:
+            question = prm_question(question, getattr(record, "meta", None) or {}, args.question_template,
+                                    len(images))
+        except UserError as err:
+            problems.append(f"{where}: question_template: {err}")
+            continue
         if args.reward_level == "outcome":  # InternVL's ORM rows: the whole solution, judged by its last step
             response = getattr(record, "meta", {}).get("response")
             steps, labels = outcome_example(steps, labels, response if isinstance(response, str) else None)

@@ -92,6 +92,11 @@ class VisualPRMConfig(TrainingArguments):
         "help": "What earlier judgement tokens hold in a training row: 'label' (published: the true labels, teacher "
                 "forcing) or 'plus' (ours: every earlier judgement written as '+', exactly what PRMScorer feeds at "
                 "inference; stops the PRM from copying the previous label, a shortcut scoring cannot use)."})
+    question_template: str = field(default="auto", metadata={
+        "help": "The question in a row's first turn: 'auto' (InternVL's VisualPRM rows hold the instruction-wrapped "
+                "prompt the policy saw: a record with 'question_orig' as written, one whose meta names its "
+                "'prompt_template' wrapped with it, any other as written), 'none', or a template name "
+                "(reward.prompts.PromptTemplate) or format string to wrap every question with."})
     reward_level: str = field(default="process", metadata={
         "help": "'process' (VisualPRM: one judgement per step) or 'outcome' (the outcome-reward variant of "
                 "InternVL's pipeline: the whole solution in one turn, judged by its last step's label).",

@@ -64,3 +64,28 @@ def test_outcome_rows_have_one_judgement_per_solution(tmp_path, tiny_processor):
     assert [r["scores"] for r in outcome] == [[0.5], [0.0]]  # the last step's Monte Carlo score
     text = tiny_processor.tokenizer.decode(outcome[0]["input_ids"])
     assert "### Solution Process:\na\n\nb\n\nc<|im_end|>" in text
+
+
+def test_first_turn_holds_the_instruction_wrapped_prompt(tmp_path, tiny_processor):
+    # InternVL's VisualPRM pipeline: output['question'] = INSTRUCTION.replace('{question}', question) with a single
+    # <image> moved to the front ("<image>\n" + prompt), and the raw question kept as output['question_orig'].
+    from PIL import Image
+
+    from reward.prompts import build_prompt, prm_question
+
+    raw = "<image>\nHow many tiles?"
+    wrapped = prm_question(raw, {"prompt_template": "boxed"}, n_images=1)
+    assert wrapped == "<image>\n" + build_prompt("How many tiles?", "boxed")
+    assert wrapped.startswith("<image>\nHow many tiles?\nAnswer the preceding question.")
+    assert prm_question(wrapped, {"question_orig": raw}, n_images=1) == wrapped  # InternVL's files: already wrapped
+    assert prm_question(raw, {}, n_images=1) == raw  # nothing says how the policy was asked: as written
+    assert prm_question(raw, {"prompt_template": "boxed"}, "none", 1) == raw
+    assert prm_question("Q?", {}, "final_answer") == build_prompt("Q?", "final_answer")
+
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({**mc(["a"], [1.0], question=raw), "prompt_template": "boxed"}) + "\n")
+    (row,) = build_rows(path, read_prm_records(path), tiny_processor, config(tmp_path, system_prompt=""))
+    text = tiny_processor.tokenizer.decode(row["input_ids"])
+    assert "<|im_start|>user\n### Question:\n<img>" in text
+    assert "</img>\nHow many tiles?\nAnswer the preceding question." in text
