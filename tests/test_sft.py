@@ -254,3 +254,10 @@ def test_stop_at_accuracy(tmp_path, monkeypatch, reported, stopped_at, steps, ch
 def test_stop_at_accuracy_must_be_a_fraction(tmp_path):
     with pytest.raises(UserError, match="stop_at_accuracy"):
         train_sft(tmp_path / "run", **{**RUN, "eval_items": 0}, stop_at_accuracy=1.5)
+
+
+def test_demo_sft_is_a_registered_job(capsys):
+    from rlhf import cli
+
+    assert cli.JOBS["demo-sft"][0] == "data_gen.sft:main"
+    assert cli.main(["--help"]) == 0 and "demo-sft" in capsys.readouterr().out
