@@ -23,7 +23,7 @@ REFUSED = {"top_k", "continue_final_message", "add_generation_prompt"}
 
 
 class StrictServer:
-    def __init__(self, refused=REFUSED, one_choice: bool = True):
+    def __init__(self, refused=REFUSED, one_choice: bool = True, constant: bool = False):
         self.bodies: list[dict] = []
         server = self
 
@@ -50,7 +50,7 @@ class StrictServer:
                     self.send_json(422, {"detail": f"Unexpected fields in the request: {set(unexpected)}"})
                     return
                 n = 1 if one_choice else body.get("n", 1)
-                seed = body.get("seed")
+                seed = None if constant else body.get("seed")  # constant: the same text for every seed
                 choices = [{"index": i, "message": {"role": "assistant", "content": f"seed {seed} choice {i}"},
                             "finish_reason": "stop"} for i in range(n)]
                 self.send_json(200, {"object": "chat.completion", "choices": choices,
@@ -173,3 +173,20 @@ def test_after_one_request_of_a_group_failed_the_rest_is_not_sent(strict):
     assert results[0].error.startswith("HTTP 422: Unexpected fields in the request")
     assert [r.error for r in results[1:4]] == ["not sent: another request of 's' failed"] * 3
     assert results[4].ok and len(strict.bodies) == 2
+
+
+def test_a_server_that_ignores_temperature_is_reported(caplog):
+    """A server that answers the same text whatever the seed (greedy): one logged line at check()."""
+    srv = StrictServer(refused=set(), one_choice=False)
+    backend = client(srv.url)
+    with caplog.at_level("WARNING", logger="mmalign.backends.openai"):
+        backend.check()  # "seed 1 choice 0" != "seed 2 choice 0": samples
+    assert not backend.greedy_suspected and not any("greedily" in r.message for r in caplog.records)
+    srv.close()
+    srv = StrictServer(refused=set(), one_choice=False, constant=True)
+    backend = client(srv.url)
+    with caplog.at_level("WARNING", logger="mmalign.backends.openai"):
+        backend.check()
+    assert backend.greedy_suspected
+    assert sum("may sample greedily" in r.message for r in caplog.records) == 1
+    srv.close()

@@ -101,6 +101,7 @@ def test_rollout_against_transformers_serve_then_a_kill_mid_run(served, tmp_path
     logged = [r.message for r in caplog.records]
     assert sum("rejects top_k" in m for m in logged) == 1
     assert sum("each sample is its own request" in m for m in logged) == 1
+    assert not any("greedily" in m for m in logged)  # do_sample in its generation_config: it samples
     done = records(tmp_path / "a")
     assert [r["id"] for r in done] == ["q0", "q1", "q2"]
     for r in done:

@@ -194,6 +194,7 @@ class OpenAIBackend(RolloutBackend):
         self.max_connection_failures = max_connection_failures
         self.dropped: set[str] = set()  # sampling fields the server rejects (found by the probe)
         self.split_n = False  # the server returns fewer than n choices: n requests of one
+        self.greedy_suspected = False  # two seeded samples at temperature 1 read the same
         self._lock = threading.Lock()
         self._connection_failures = 0  # in a row, over every request
         self._dead: str | None = None  # why the server is considered gone
@@ -352,9 +353,33 @@ class OpenAIBackend(RolloutBackend):
 
     def check(self) -> None:
         """GET {base_url}/models once, no retries: BackendUnavailable when the server does not answer, answers
-        with an error, or does not serve `model`. Then one probe request, to adapt to what the server accepts."""
+        with an error, or does not serve `model`. Then one probe request, to adapt to what the server accepts, and
+        two seeded samples at temperature 1 to see whether it samples at all."""
         self._models()
         self._probe()
+        self._probe_sampling()
+
+    def _probe_sampling(self) -> None:
+        """One logged line when two samples with different seeds at temperature 1 read the same: the server may
+        sample greedily (`transformers serve` does unless the model's generation_config.json says do_sample)."""
+        texts = []
+        for seed in (1, 2):
+            body = {"model": self.model, "messages": [{"role": "user", "content": "Write ten random words."}],
+                    "max_tokens": 16, "n": 1, "temperature": 1.0, "top_p": 1.0, "seed": seed, **self.extra_body}
+            for name in self.dropped:
+                body.pop(name, None)
+            reply = self._post_once(body)
+            if reply is None or reply[0] != 200:
+                return
+            try:
+                texts.append(json.loads(reply[1])["choices"][0]["message"]["content"])
+            except (ValueError, KeyError, IndexError, TypeError):
+                return
+        if texts[0] == texts[1]:
+            self.greedy_suspected = True
+            logger.warning("openai backend: two samples at temperature 1 with seeds 1 and 2 read the same: %s may "
+                           "sample greedily (transformers serve does unless the served model's "
+                           "generation_config.json has \"do_sample\": true)", self.base_url)
 
     def _post_once(self, body: dict) -> tuple[int, bytes] | None:
         """One POST without retries; None when the exchange itself failed."""
