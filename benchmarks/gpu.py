@@ -39,7 +39,7 @@ def commands(device: str, tiny: bool, work_dir: str, vllm_policy: str | None) ->
     """Section -> (the benchmark's arguments, seconds allowed). The GPU budgets add up to 450 s."""
     if tiny:
         return {
-            "mpo_loss": (["mpo_loss.py", "--device", device, "--lengths", "16", "--methods", "naive", "ours",
+            "mpo_loss": (["mpo_loss.py", "--device", device, "--tiny", "--lengths", "16", "--methods", "naive", "ours",
                           "--timeout", "120"], 240),
             "mpo_step": (["mpo_step.py", "--device", device, "--tiny", "--configs", "trl", "all", "--warmup", "0",
                           "--steps", "1", "--timeout", "150"], 300),

@@ -59,11 +59,12 @@ class Shape:
     prompt_text: int  # prompt tokens besides the image block (ChatML, question)
     chosen: int
     rejected: int
+    vocab: int = 151_674  # Qwen2.5 (InternVL3) vocabulary
 
 
 SHAPES = {"mmpr": Shape(grid=(4, 3), prompt_text=100, chosen=400, rejected=400),
           "small": Shape(grid=(2, 1), prompt_text=60, chosen=100, rejected=100),
-          "tiny": Shape(grid=(1, 1), prompt_text=20, chosen=16, rejected=16)}  # a dry run of the script
+          "tiny": Shape(grid=(1, 1), prompt_text=20, chosen=16, rejected=16, vocab=2_048)}  # a dry run
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def build_processor():
     return InternVLChatProcessor(image_processor=tiles, tokenizer=build_tokenizer(), image_seq_length=256)
 
 
-def build_model(processor, seed: int = 0):
+def build_model(processor, seed: int = 0, vocab: int = VOCAB):
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     from rlhf.processing import IM_END
@@ -104,7 +105,7 @@ def build_model(processor, seed: int = 0):
     config = InternVLConfig(
         vision_config=dict(hidden_size=256, num_hidden_layers=1, num_attention_heads=4, intermediate_size=1024,
                            image_size=[448, 448], patch_size=[14, 14]),
-        text_config=dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=512, intermediate_size=2816,
+        text_config=dict(model_type="qwen2", vocab_size=vocab, hidden_size=512, intermediate_size=2816,
                          num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                          max_position_embeddings=8192, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.convert_tokens_to_ids(IM_END), bos_token_id=None),
@@ -134,7 +135,7 @@ def build_row(processor, shape: Shape, folder: Path, seed: int = 0) -> dict:
     low = len(processor.tokenizer)
 
     def random_ids(n: int) -> list[int]:
-        return torch.randint(low, VOCAB, (n,), generator=g).tolist()
+        return torch.randint(low, shape.vocab, (n,), generator=g).tolist()
 
     image_end = len(prompt) - prompt[::-1].index(processor.tokenizer.convert_tokens_to_ids(IMG_END))
     filler = random_ids(max(0, shape.prompt_text - (len(prompt) - count_image_tokens(prompt, processor))))
@@ -231,7 +232,7 @@ def measure(name: str, shape: Shape, device: str, warmup: int, steps: int, threa
         n_prompt, n_chosen, n_rejected = len(row["prompt_ids"]), len(row["chosen_ids"]), len(row["rejected_ids"])
         max_length = n_prompt + max(n_chosen, n_rejected)
         start = time.perf_counter()
-        model = build_model(processor)
+        model = build_model(processor, vocab=shape.vocab)
         if attn:  # e.g. flex_attention: packed pairs then take a BlockMask (rlhf.packing.block_mask_for_pairs)
             model.set_attn_implementation(attn)
         trainer, batch = build_trainer(name, model, processor, row, folder, max_length, device, chunk_tokens,
