@@ -7,7 +7,9 @@ per fact. A `step_split` pattern (a regular expression, best made of zero-width 
 each of its matches inside a blank-line step: with `(?<=,)(?= )|(?= and )` that step becomes "The tiles show 3,",
 "7,", "5" and "and 9.". Every step keeps the solution text the policy continues after it (its Monte Carlo prefix):
 the solution up to and including the match, so the policy writes the rest of the line itself, or, after the last
-step of a blank-line piece, up to that piece and one blank line (the published prefix).
+step of a blank-line piece, up to that piece and one blank line. (InternVL's pipeline continues right after the
+piece, with no blank line: `data_gen.label_steps` drops it by default, `mc_prefix: internvl`, and keeps it with
+`mc_prefix: blank_line`.)
 """
 
 from __future__ import annotations
@@ -100,6 +102,6 @@ def split_steps(text: str, max_steps: int | None = None, step_split: str | re.Pa
 
 
 def join_steps(steps: Sequence[str]) -> str:
-    """Blank-line steps back into solution text (the published Monte Carlo prefix of steps 1..i is
-    `join_steps(steps[:i]) + STEP_SEPARATOR`)."""
+    """Blank-line steps back into solution text (InternVL's Monte Carlo prefix of steps 1..i is
+    `join_steps(steps[:i])`, with no separator after the last step)."""
     return STEP_SEPARATOR.join(steps)
