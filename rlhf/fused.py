@@ -160,10 +160,9 @@ def _in_tile(targets: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor,
 
 def _torch_logps(tokens: _Tokens, weight, bias, chunk_tokens: int, vocab_tile: int, buf: torch.Tensor):
     """Pass 1: every token's log-prob and its row's logsumexp, (N,) each, fp32, and exp(m - lse) of the last
-    chunk's rows, by an online logsumexp over the
-    vocabulary tiles (running row max m, running sum s of exp(logit - m), rescaled by exp(m_old - m_new) when m
-    grows). The last block stays in `buf` as exp(logits - m) with the row's final m, for pass 2 to start from
-    without its GEMM."""
+    chunk's rows, by an online logsumexp over the vocabulary tiles (running row max m, running sum s of
+    exp(logit - m), rescaled by exp(m_old - m_new) when m grows). The last block stays in `buf` as exp(logits - m)
+    with the row's final m, for pass 2 to start from without its GEMM."""
     logps = torch.empty(len(tokens), dtype=torch.float32, device=buf.device)
     lse = torch.empty_like(logps)
     tiles = _vocab_tiles(weight.size(0), vocab_tile)
