@@ -488,11 +488,13 @@ class LabelStepsWorker:
         steps = [MCStep(step, score, *((1, 1) if k == 0 and label else (c, k)))  # search: a witnessed `+` step
                  for step, score, c, k, label in zip(task.steps, result.scores, result.correct, result.sampled,
                                                      result.labels)]
+        # prompt_template: the prompt the policy saw, so that PRM rows wrap the question as InternVL's pipeline does
         meta = {"question_id": item.question.id, "solution_index": item.index, "response": item.text,
                 "response_correct": item.correct, "mc_mode": mc.mode.value, "early_stop": mc.early_stop,
                 "num_continuations": mc.num_continuations, "label_threshold": mc.label_threshold,
                 "num_continuations_sampled": result.num_continuations,
-                "num_generated_tokens": result.num_generated_tokens, "mc_prefix": self.settings.mc_prefix.value}
+                "num_generated_tokens": result.num_generated_tokens, "mc_prefix": self.settings.mc_prefix.value,
+                "prompt_template": item.prompt_template}
         if result.searched is not None:
             meta["searched_steps"] = result.searched
         if self.settings.step_split:
@@ -553,7 +555,9 @@ def write_outputs(output_dir: str | Path) -> LabelSummary:
         labels = [hard_label(s.score, threshold) for s in r.steps]
         conversations.append(ConversationRecord(question=r.question, steps=[s.step for s in r.steps], labels=labels,
                                                 images=list(r.images), id=r.id,
-                                                meta={"mc_mode": r.meta.get("mc_mode")}))
+                                                meta={"mc_mode": r.meta.get("mc_mode"),
+                                                      **({"prompt_template": r.meta["prompt_template"]}
+                                                         if r.meta.get("prompt_template") else {})}))
         summary.solutions += 1
         summary.steps += len(labels)
         summary.positive_steps += sum(labels)

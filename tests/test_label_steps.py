@@ -290,6 +290,14 @@ def test_job_outputs_parse_back_and_match(tmp_path):
     assert {r.assistant_prefix for r in backend.requests if r.id.startswith("q1#0/step0/")} == {"line 0\n\nline 1"}
     assert all(r.meta["mc_prefix"] == "internvl" for r in mc)
     assert all(r.prompt == build_prompt(QUESTION, "plain") and len(r.images) == 1 for r in backend.requests)
+    # the template the policy saw travels with both outputs: PRM rows wrap the question with it (InternVL's rows)
+    assert all(r.meta["prompt_template"] == "plain" for r in mc)
+    assert all(obj["prompt_template"] == "plain" for obj in raw)
+    from reward.prompts import prm_question
+
+    assert prm_question(QUESTION, conversations[0].meta, "auto", 1) == build_prompt(QUESTION, "plain")
+    assert prm_question("What is 2 + 3?", {"prompt_template": "boxed"}, "auto", 0) == build_prompt(
+        "What is 2 + 3?", "boxed") != "What is 2 + 3?"
     saved = json.loads((out / "label_summary.json").read_text())
     assert saved["steps"] == sum(len(r.steps) for r in mc) and saved["faithful_continuations"] == 16 * saved["steps"]
 

@@ -77,6 +77,6 @@ def test_internvl3_recipes_start_like_the_released_runs(size):
     from rlhf.processing import INTERNVL_SYSTEM_PROMPT, resolve_system_prompt
 
     recipe = yaml.safe_load((ROOT / f"recipes/mpo/internvl3_{size}.yaml").read_text())
-    assert recipe["model_name_or_path"] == f"OpenGVLab/InternVL3-{size.upper()}-Instruct-hf"
+    assert recipe["model_name_or_path"] == f"checkpoints/InternVL3-{size.upper()}-Instruct-hf"  # converted locally
     assert resolve_system_prompt(recipe["system_prompt"]) == INTERNVL_SYSTEM_PROMPT
     assert recipe["drop_path"] == 0.1
