@@ -15,6 +15,18 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared 2-core machine they run up to 10x slower: a module
+    that marks itself with `pytestmark = pytest.mark.usefixtures("one_torch_thread")` runs on one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_processor():
     from rlhf.tiny import build_processor

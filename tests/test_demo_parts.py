@@ -19,12 +19,7 @@ from data_gen.task import TileSumTask
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.mark.parametrize("n, seed", [(2, 0), (3, 1), (10, 0), (300, 0), (300, 4)])
