@@ -210,7 +210,8 @@ def run_pending(store, pending: list[tuple[str, Any]], counts, process_fn: Calla
                 mine.append((ref, index))
 
     def lost(actor, err: BaseException) -> None:
-        """The actor is gone: the batch it was running counts a death, the ones waiting on it go back as they are;
+        """The actor is gone: batches it finished before dying are committed (their replies may still be unread when
+        the death is seen first), the batch it was running counts a death, the ones waiting on it go back as they are;
         a replacement starts while there is work left. An actor whose __init__ failed (process_fn cannot be
         unpickled there) stops the job."""
         if getattr(err, "actor_init_failed", False):
@@ -220,6 +221,17 @@ def run_pending(store, pending: list[tuple[str, Any]], counts, process_fn: Calla
             return
         logger.warning("%s: a Ray worker died (%s); its batches are queued again on another",
                        store.name, _one_line(str(err))[:200])
+        while mine:  # batches it finished before it died are committed as usual, not charged with its death
+            ref, index = mine[0]
+            if not ray.wait([ref], timeout=0)[0]:
+                break
+            try:
+                reply = ray.get(ref)
+            except dead_errors:
+                break
+            mine.popleft()
+            in_flight.pop(ref, None)
+            _run_batch(store, batches[index], counts, _Replay(reply), fatal=fatal, report=report)
         for ref, _ in mine:
             in_flight.pop(ref, None)
         in_flight.pop(ready_refs.pop(actor), None)
