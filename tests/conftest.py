@@ -91,3 +91,16 @@ def write_mmpr(root: Path, n: int = 8) -> Path:
                      "repeat_time": 1, "length": n, "max_dynamic_patch": 1}}
     (root / "meta.json").write_text(json.dumps(meta))
     return root / "meta.json"
+
+
+def stop_at_step(step: int):
+    """A TrainerCallback that stops training after optimizer step `step` (the interrupted half of resume tests)."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+            return control
+
+    return StopAt()

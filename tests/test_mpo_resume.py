@@ -3,20 +3,11 @@
 import json
 
 import pytest
-from transformers import TrainerCallback
 
 from rlhf.mpo_config import MPOConfig
 from rlhf.mpo_trainer import STATE_FILE, MPOTrainer
 from rlhf.tiny import build_internvl
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
+from tests.conftest import stop_at_step
 
 
 def run(tmp_path, name, rows, processor, stop_at=None, resume=None):
@@ -24,7 +15,7 @@ def run(tmp_path, name, rows, processor, stop_at=None, resume=None):
                      logging_steps=1, save_strategy="steps", save_steps=3, learning_rate=2e-3, seed=0,
                      max_length=512, lr_scheduler_type="cosine")
     trainer = MPOTrainer(build_internvl(processor, seed=0), args=args, train_dataset=rows,
-                         processing_class=processor, callbacks=[StopAt(stop_at)] if stop_at else None)
+                         processing_class=processor, callbacks=[stop_at_step(stop_at)] if stop_at else None)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 

@@ -5,20 +5,11 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 from safetensors import safe_open
-from transformers import TrainerCallback
 
 from reward.prm_trainer import VisualPRMConfig, VisualPRMTrainer
 from rlhf.tiny import build_internvl
 from tests.test_prm_trainer import image_rows
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
+from tests.conftest import stop_at_step
 
 
 def run(tmp_path, name, rows, processor, stop_at=None, resume=None):
@@ -26,7 +17,7 @@ def run(tmp_path, name, rows, processor, stop_at=None, resume=None):
                            logging_steps=1, save_strategy="steps", save_steps=2, learning_rate=3e-3, seed=0,
                            max_length=512, lr_scheduler_type="cosine", dataloader_num_workers=0)
     trainer = VisualPRMTrainer(build_internvl(processor, seed=0), args=args, train_dataset=rows,
-                               processing_class=processor, callbacks=[StopAt(stop_at)] if stop_at else None)
+                               processing_class=processor, callbacks=[stop_at_step(stop_at)] if stop_at else None)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
