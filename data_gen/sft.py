@@ -66,7 +66,8 @@ class TileSumItems(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"item {index} of {self.length}")
         item = self.task.item(self.split, self.start + index)
-        return {"id": item.id, "image": item.image, "question": item.question, "solution": item.solution}
+        return {"id": item.id, "image": item.image, "question": item.question, "solution": item.solution,
+                "cells": [t.cell for t in item.tiles], "values": item.values, "grid": self.task.grid}
 
 
 @dataclass
@@ -75,7 +76,13 @@ class SFTCollator:
 
     Sequence: `chat_prompt(build_prompt(question, template))` with the image expanded into its tile tokens, then
     `solution + <|im_end|>`, prompt and answer tokenized apart (as at generation time, where the prompt is
-    tokenized and the answer produced token by token). `labels` equal the answer tokens and are -100 elsewhere."""
+    tokenized and the answer produced token by token). `labels` equal the answer tokens and are -100 elsewhere.
+
+    Examples that carry the board ("cells", "values", "grid") also get `cell_labels`: one row per example, one
+    entry per image token, the token id of the digit its cell shows ("0" for an empty cell; -100 for every token
+    of an example without a board). With one tile of `grid` x `grid` image tokens (one per 28 px cell after
+    pixel-unshuffle, row-major like the cells), image token k covers cell k. The trainer's auxiliary reading target
+    uses them and drops them otherwise."""
 
     processor: InternVLChatProcessor
     template: str = PromptTemplate.PLAIN
@@ -101,8 +108,29 @@ class SFTCollator:
             input_ids[row, :n] = torch.tensor(prompt + answer)
             labels[row, len(prompt):n] = torch.tensor(answer)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "pixel_values": torch.cat([pv for _, _, pv in encoded])}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "pixel_values": torch.cat([pv for _, _, pv in encoded])}
+        if any("cells" in e for e in examples):
+            batch["cell_labels"] = self.cell_labels(examples, input_ids)
+        return batch
+
+    def cell_labels(self, examples: list[dict[str, Any]], input_ids: torch.Tensor) -> torch.Tensor:
+        image_tokens = (input_ids == self.processor.image_token_id).sum(1)
+        out = torch.full((len(examples), int(image_tokens.max())), IGNORE_INDEX, dtype=torch.long)
+        digits = [self.processor.encode(str(d)) for d in range(10)]
+        if any(len(d) != 1 for d in digits):
+            raise ValueError("SFTCollator: the tokenizer does not encode each digit 0-9 as one token")
+        for row, e in enumerate(examples):
+            if "cells" not in e:
+                continue
+            if int(image_tokens[row]) != e["grid"] ** 2:
+                raise ValueError(f"SFTCollator: example {e.get('id')!r} has {int(image_tokens[row])} image "
+                                 f"tokens, the cell reading target needs one per cell ({e['grid']}**2)")
+            board = [0] * e["grid"] ** 2
+            for cell, value in zip(e["cells"], e["values"], strict=True):
+                board[cell] = value
+            out[row, : len(board)] = torch.tensor([digits[v][0] for v in board])
+        return out
 
 
 # -- training --------------------------------------------------------------------------------------------------------
@@ -116,6 +144,37 @@ def _sft_trainer_class():
     from transformers import PreTrainedModel, Trainer
 
     class SFTTrainer(Trainer):
+        def __init__(self, *args, reading_loss_weight: float = 0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.reading_loss_weight = reading_loss_weight
+            self._reading_losses: list[float] = []
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """The language-model loss on the answer tokens, plus with `reading_loss_weight` > 0 the auxiliary
+            reading target: at every image token the model's own head predicts the digit of that token's cell
+            ("0" when empty), cross-entropy averaged over the cells. It gives the vision tower, the projector and
+            the language model a dense signal about every cell from the first step, where the answer alone
+            rewards reading only once the language model already attends to the right cell."""
+            cells = inputs.pop("cell_labels", None)
+            if not self.reading_loss_weight or cells is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = super().compute_loss(model, {**inputs, "output_hidden_states": True}, True,
+                                                 num_items_in_batch)
+            image = inputs["input_ids"] == self.processing_class.image_token_id
+            hidden = outputs.hidden_states[-1][image]  # post-norm: lm_head(hidden) are the model's logits
+            logits = self.accelerator.unwrap_model(model).lm_head(hidden).float()
+            targets = torch.cat([cells[r, : int(n)] for r, n in enumerate(image.sum(1))])  # rows' image tokens
+            reading = torch.nn.functional.cross_entropy(logits, targets.to(logits.device), ignore_index=IGNORE_INDEX)
+            self._reading_losses.append(float(reading.detach()))
+            loss = loss + self.reading_loss_weight * reading
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if self._reading_losses and "loss" in logs:
+                logs["reading_loss"] = round(sum(self._reading_losses) / len(self._reading_losses), 4)
+                self._reading_losses.clear()
+            super().log(logs, *args, **kwargs)
+
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             target = self.accelerator.unwrap_model(model if model is not None else self.model)
             weights = Path(resume_from_checkpoint) / "model.safetensors"
@@ -222,6 +281,7 @@ def train_sft(
     stop_check_every: int = 25,
     stop_check_after: int = 0,
     stop_check_items: int = 64,
+    reading_loss_weight: float = 0.0,
     progress: bool = True,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> Path:
@@ -234,7 +294,8 @@ def train_sft(
     `eval_temperature`; the accuracies go into `sft_done.json` with the loss and timings, and the greedy responses
     into `greedy_responses.jsonl`. `callbacks` are extra `TrainerCallback`s (progress reporting, tests).
     With `stop_at_accuracy`, training stops at the first check (every `stop_check_every` steps from
-    `stop_check_after` on) whose greedy accuracy on `stop_check_items` validation items reaches it."""
+    `stop_check_after` on) whose greedy accuracy on `stop_check_items` validation items reaches it.
+    `reading_loss_weight` > 0 adds the auxiliary reading target (see `SFTTrainer.compute_loss`) with that weight."""
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -247,7 +308,8 @@ def train_sft(
               "eval_items": (eval_items, eval_items >= 0), "eval_samples": (eval_samples, eval_samples >= 0),
               "stop_at_accuracy": (stop_at_accuracy, stop_at_accuracy is None or 0 < stop_at_accuracy <= 1),
               "stop_check_every": (stop_check_every, stop_check_every >= 1),
-              "stop_check_items": (stop_check_items, stop_check_items >= 1)}
+              "stop_check_items": (stop_check_items, stop_check_items >= 1),
+              "reading_loss_weight": (reading_loss_weight, reading_loss_weight >= 0)}
     bad = [f"{name}={value!r}" for name, (value, ok) in checks.items() if not ok]
     if bad:
         raise UserError(f"demo SFT: invalid {', '.join(bad)} (counts must be >= 1, eval counts >= 0, "
@@ -261,7 +323,8 @@ def train_sft(
                          warmup_steps=warmup_steps, weight_decay=weight_decay,
                          **({"stop_at_accuracy": stop_at_accuracy, "stop_check_every": stop_check_every,
                              "stop_check_after": stop_check_after, "stop_check_items": stop_check_items}
-                            if stop_at_accuracy is not None else {}))
+                            if stop_at_accuracy is not None else {}),
+                         **({"reading_loss_weight": reading_loss_weight} if reading_loss_weight else {}))
     done = output_dir / DONE_FILE
     config = output_dir / CONFIG_FILE
     if config.is_file():
@@ -293,7 +356,7 @@ def train_sft(
     trainer = _sft_trainer_class()(
         model=model, args=args, train_dataset=TileSumItems(train_task or task, num_train_items),
         data_collator=SFTCollator(processor),
-        processing_class=processor, callbacks=[timer, *callbacks])
+        processing_class=processor, callbacks=[timer, *callbacks], reading_loss_weight=reading_loss_weight)
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if last:
         logger.info("resuming demo SFT from %s", last)
@@ -381,6 +444,8 @@ class SFTArguments:
     stop_check_every: int = field(default=25, metadata={"help": "Steps between those checks."})
     stop_check_after: int = field(default=0, metadata={"help": "First step that is checked."})
     stop_check_items: int = field(default=64, metadata={"help": "Validation items per check."})
+    reading_loss_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the auxiliary reading target: each image token predicts its cell's digit (0: off)."})
     quick: bool = field(default=False, metadata={"help": "CI-sized run: " + ", ".join(
         f"{k}={v}" for k, v in QUICK.items()) + " (replacing the recipe's)."})
 

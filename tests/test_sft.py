@@ -85,6 +85,56 @@ def test_collator_labels_only_the_answer_and_im_end(tiny_processor):
     assert (batch["input_ids"][1, 107:] == tok.pad_token_id).all()
 
 
+def test_collator_cell_labels_give_each_image_token_its_cells_digit(tiny_processor):
+    """Train item 0: tiles in cells 0, 2, 4, 13, 15 with values 6, 5, 8, 3, 2; item 1: cells 0, 4, 6, 14 with 5, 2,
+    5, 1. Image token k covers cell k (one 28 px cell per token after pixel-unshuffle, both row-major); the digits
+    0-9 are tokens 21-30 of the tiny tokenizer, so an empty cell is 21 and a 6 is 27."""
+    items = [TileSumItems(TileSumTask(), 2)[i] for i in range(2)]
+    batch = SFTCollator(tiny_processor)(items)
+    boards = [[6, 0, 5, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 2], [5, 0, 0, 0, 2, 0, 5, 0, 0, 0, 0, 0, 0, 0, 1, 0]]
+    assert batch["cell_labels"].tolist() == [[21 + v for v in board] for board in boards]
+    assert [tiny_processor.tokenizer.decode([t]) for t in batch["cell_labels"][0, :3]] == ["6", "0", "5"]
+    plain = [{k: v for k, v in e.items() if k not in ("cells", "values", "grid")} for e in items]
+    assert "cell_labels" not in SFTCollator(tiny_processor)(plain)  # no board, no target
+
+
+def test_pixel_unshuffle_puts_cell_k_at_image_token_k():
+    """The cell target's premise: InternVL's pixel-unshuffle (scale 0.5) of the 8 x 8 patch grid of a 112 px tile
+    gives 16 tokens, token k made of the 2 x 2 patches of cell k (row-major, 28 px cells)."""
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    patches = torch.arange(64.0).reshape(1, 8, 8, 1)  # patch index row * 8 + col
+    tokens = InternVLModel.pixel_shuffle(None, patches, 0.5).reshape(16, 4)
+    for k in range(16):
+        row, col = divmod(k, 4)
+        assert sorted(tokens[k].long().tolist()) == [16 * row + 2 * col, 16 * row + 2 * col + 1,
+                                                     16 * row + 2 * col + 8, 16 * row + 2 * col + 9]
+
+
+def test_reading_target_adds_the_weighted_cell_cross_entropy(tiny_processor, tmp_path):
+    """compute_loss with reading_loss_weight w = the model's answer loss + w * cross-entropy of the model's own
+    logits at the 16 image tokens against the cell digits, computed here from a plain forward pass."""
+    from transformers import TrainingArguments
+
+    from data_gen.sft import _sft_trainer_class
+
+    batch = SFTCollator(tiny_processor)([TileSumItems(TileSumTask(), 2)[i] for i in range(2)])
+    model = build_internvl(tiny_processor, TinySizes(), seed=0).eval()
+    plain = {k: v for k, v in batch.items() if k != "cell_labels"}
+    with torch.no_grad():
+        out = model(**plain)
+    image = plain["input_ids"] == tiny_processor.image_token_id
+    expected = torch.nn.functional.cross_entropy(out.logits[image], batch["cell_labels"].flatten())
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    for weight in (0.0, 0.5):
+        trainer = _sft_trainer_class()(model=model, args=args, processing_class=tiny_processor,
+                                       reading_loss_weight=weight)
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, dict(batch))
+        assert loss.item() == pytest.approx(out.loss.item() + weight * expected.item(), rel=1e-5)
+    assert expected.item() == pytest.approx(6.4312, abs=2e-3)  # the random head: near ln(640) = 6.46
+
+
 # -- training, saving, resuming ----------------------------------------------------------------------------------
 
 
