@@ -252,8 +252,8 @@ class Demo:
             "--output_dir", str(self.dir("heldout_labels")), *split], recipe="label_steps")
         add_job("prm", prm_main, [
             "--model_name_or_path", str(mpo_final if a.prm_init == "mpo" else sft_final),
-            "--data", str(self.dir("label_steps") / "visualprm.jsonl"),
-            "--eval_data", str(self.dir("heldout_labels") / "visualprm.jsonl"), "--output_dir",
+            "--data", str(self.dir("label_steps") / label_steps.META_FILE),
+            "--eval_data", str(self.dir("heldout_labels") / label_steps.META_FILE), "--output_dir",
             str(self.dir("prm")), "--system_prompt", a.prm_system_prompt])
         stages.append(("evaluate", {k: v for k, v in asdict(a).items() if k != "recipes"}, self.evaluate))
 

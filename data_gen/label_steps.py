@@ -51,14 +51,18 @@ one solution, id `{question id}#{response index}`, committed whole or not at all
                          "steps_with_score": [{"step", "score", "num_mc_correct", "num_mc_total"}], "question_id",
                          "solution_index", "response", "response_correct", "mc_mode", "early_stop",
                          "num_continuations", "label_threshold", "num_continuations_sampled", "num_generated_tokens"}
-    visualprm.jsonl      the VisualPRM400K conversations (`reward.formats.ConversationRecord`), rebuilt from mc.jsonl
+    visualprm.jsonl      the VisualPRM400K conversations (`reward.formats.ConversationRecord`), rebuilt from mc.jsonl,
+                         image paths relative to meta.json's root
+    meta.json            InternVL's meta file for it: {name: {"annotation": "visualprm.jsonl", "root": the folder
+                         holding every image, relative to output_dir, "repeat_time": 1}}: `mmalign prm --data` it
     label_summary.json   solutions, steps, share of `+` steps, continuations sampled (and what faithful would
                          sample), generated tokens
     label_steps_settings.json   the settings that shape the records; a resumed run must use the same ones
 
 Train soft-label PRMs on the scores of faithful runs only; adaptive and search scores serve the hard labels. Image
-paths in the outputs are relative to `output_dir`, where the PRM job looks by default. visualprm.jsonl and
-label_summary.json are written when a run covers the whole input (num_shards 1; rerun with num_shards 1 to merge).
+paths in mc.jsonl are relative to `output_dir`; in visualprm.jsonl to meta.json's root (the PRM job confines every
+path to its image root). visualprm.jsonl, meta.json and label_summary.json are written when a run covers the whole
+input (num_shards 1; rerun with num_shards 1 to merge).
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ from .workers import Failure, JobInputError, item_seed
 
 MC_NAME = "mc"
 VISUALPRM_FILE = "visualprm.jsonl"
+META_FILE = "meta.json"
 LABEL_SUMMARY_FILE = "label_summary.json"
 SETTINGS_FILE = "label_steps_settings.json"
 RUN_ONLY_BACKEND_KEYS = ("batch_size", "device", "max_concurrency")  # how the backend runs, not what it makes
@@ -542,8 +547,18 @@ def _faithful_steps(record, labels: list[bool]) -> int:
     return len(labels)
 
 
+def image_root_of(output_dir: Path, records) -> Path:
+    """The deepest folder holding every image of `records` (paths relative to `output_dir`); `output_dir` itself
+    when they hold no image."""
+    folders = {(output_dir / ref).resolve().parent for r in records for ref in r.images}
+    return Path(os.path.commonpath(sorted(folders))) if folders else output_dir.resolve()
+
+
 def write_outputs(output_dir: str | Path) -> LabelSummary:
-    """visualprm.jsonl and label_summary.json from the merged mc.jsonl (each written to a temporary file first)."""
+    """visualprm.jsonl, meta.json and label_summary.json from the merged mc.jsonl (each written to a temporary file
+    first). meta.json is InternVL's meta format: {name: {"annotation": "visualprm.jsonl", "root": the deepest
+    folder holding every image, relative to output_dir, "repeat_time": 1}}; visualprm.jsonl's image paths are
+    relative to that root, so `mmalign prm --data OUTPUT_DIR/meta.json` reads them confined to it."""
     from reward.formats import ConversationRecord, hard_label, read_jsonl, write_jsonl
 
     output_dir = Path(output_dir)
@@ -565,9 +580,17 @@ def write_outputs(output_dir: str | Path) -> LabelSummary:
         summary.faithful_continuations += r.meta.get("num_continuations", 0) * _faithful_steps(r, labels)
         summary.generated_tokens += r.meta.get("num_generated_tokens", 0)
         summary.mc_mode = r.meta.get("mc_mode", summary.mc_mode)
+    root = image_root_of(output_dir, conversations)
+    for c in conversations:  # mc.jsonl paths are relative to output_dir; visualprm.jsonl's to the meta.json root
+        c.images = [os.path.relpath((output_dir / ref).resolve(), root) for ref in c.images]
     tmp = output_dir / f"{VISUALPRM_FILE}.tmp"
     write_jsonl(tmp, conversations)
     tmp.replace(output_dir / VISUALPRM_FILE)
+    meta = {output_dir.resolve().name or "visualprm": {
+        "annotation": VISUALPRM_FILE, "root": os.path.relpath(root, output_dir.resolve()), "repeat_time": 1}}
+    tmp = output_dir / f"{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(output_dir / META_FILE)
     data = asdict(summary) | {"positive_share": round(summary.positive_share, 6)}
     tmp = output_dir / f"{LABEL_SUMMARY_FILE}.tmp"
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

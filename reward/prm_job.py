@@ -3,9 +3,10 @@
 Input: JSON lines of any trainable record kind of `reward.formats`, told apart per line by their keys (`steps` ->
 stepwise, `steps_with_score` -> raw Monte Carlo, `conversations` -> VisualPRM400K conversation) or by a
 `"data_format"` field, or forced for the whole file with `--data_format`. Relative image paths resolve against
-`--image_root` (default: the data file's folder). A `.json` data path is an InternVL-style meta file instead, as
+`--image_root` (default: the data file's folder) and must stay inside it. A `.json` data path is an InternVL-style meta file instead, as
 VisualPRM400K ships: `{name: {"annotation": jsonl, "root": image folder, "repeat_time": 1.0,
-"max_dynamic_patch": int}}`, relative paths resolving against its folder. Every bad record is reported, all at
+"max_dynamic_patch": int}}`, relative paths resolving against its folder (label-steps writes one beside its
+visualprm.jsonl). Every bad record is reported, all at
 once, before training.
 """
 
@@ -176,7 +177,7 @@ class PRMSource:
 
     name: str
     annotation: Path
-    image_root: Path | None  # None: relative paths resolve against the annotation's folder, `..` allowed
+    image_root: Path | None  # None: paths resolve against the annotation's folder and stay inside it
     repeat_time: float = 1.0
     max_dynamic_patch: int | None = None  # None: the config's
 
@@ -235,7 +236,7 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
 
     from .prm_trainer import encode_row
 
-    confined = image_root is not None  # a folder given (--image_root, a meta.json root): paths stay inside it
+    confined = image_root is not None  # a folder given (--image_root, a meta.json root)
     root = Path(image_root) if image_root is not None else Path(path).parent
     rows, problems, overflow, truncated = [], [], [], 0
     for line_no, record in records:
@@ -251,12 +252,12 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
             response = getattr(record, "meta", {}).get("response")
             steps, labels = outcome_example(steps, labels, response if isinstance(response, str) else None)
         steps, labels = merge_steps(steps, labels, args.max_steps_per_solution)
-        try:  # label-steps writes paths relative to its output folder, `..` included: without a root, those stay
-            resolved = [str(resolve_image(root, p)) if confined else
-                        str(resolve_image(root, p) if Path(p).is_absolute() else root / p) for p in images]
+        try:  # one rule for every reader: inside the image root (default: the data file's folder)
+            resolved = [str(resolve_image(root, p)) for p in images]
         except ValueError as err:
-            problems.append(f"{where}: field 'images': expected paths inside the image root ({err}); set "
-                            "--image_root to the images' folder")
+            hint = "" if confined else (" (the data file's folder; label-steps output: pass its meta.json as --data,"
+                                        " or set --image_root to the images' folder)")
+            problems.append(f"{where}: field 'images': expected paths inside the image root{hint} ({err})")
             continue
         missing = [p for p in resolved if not Path(p).is_file()]
         if missing:

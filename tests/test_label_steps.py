@@ -281,8 +281,15 @@ def test_job_outputs_parse_back_and_match(tmp_path):
         question, steps, hard = from_visualprm_conversation(obj["conversations"])
         assert (question, steps, c.id) == (QUESTION, [s.step for s in r.steps], r.id)
         assert hard == c.labels == [s.score > 0 for s in r.steps]
-        assert (out / obj["image"]).resolve() == (tmp_path / "img" / "a.png").resolve()  # relative to output_dir
-        assert r.meta["num_continuations_sampled"] == sum(s.num_mc_total for s in r.steps)
+        assert (out / r.images[0]).resolve() == (tmp_path / "img" / "a.png").resolve()  # mc: from output_dir
+        assert obj["image"] == "a.png"  # visualprm.jsonl: from meta.json's root, the images' folder
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta == {"out": {"annotation": "visualprm.jsonl", "root": "../img", "repeat_time": 1}}
+    from reward.prm_job import read_sources
+
+    (source,) = read_sources(out / "meta.json")
+    assert source.annotation == out.resolve() / "visualprm.jsonl" and source.image_root.resolve() == tmp_path / "img"
+    assert all(r.meta["num_continuations_sampled"] == sum(s.num_mc_total for s in r.steps) for r in mc)
     # q1#0 had 13 steps: max_steps 12 merges k = ceil(13 / 12) = 2 per step, 7 steps
     merged = next(r for r in mc if r.id == "q1#0")
     assert [s.step for s in merged.steps] == split_steps(rollout_rows()[1]["responses"][0]["text"], 12)

@@ -428,6 +428,14 @@ def prm_image_outside_given_root(tmp):
 
 
 @case
+def prm_image_dotdot_without_root(tmp):
+    """A relative path that climbs out of the data file's folder (an existing image there) is refused as well."""
+    png(tmp / "elsewhere" / "b.png")
+    data = prm_input(tmp, prm_record(images=["../elsewhere/b.png"]))
+    return prm_argv(tmp, data), 2, [f"{data}:1", "'images'", "outside the image root", "meta.json"]
+
+
+@case
 def weight_decay_nan(tmp):
     path = recipe(tmp, "weight_decay: .nan\n")
     return mpo_argv(tmp, "--config", str(path)), 2, [f"{path}: weight_decay", "finite number >= 0"]
