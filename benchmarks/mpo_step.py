@@ -187,7 +187,7 @@ class Probe:
 
 # -- one configuration, in a fresh process --------------------------------------------------------------------------
 def build_trainer(name: str, model, processor, row: dict, folder: Path, max_length: int, device: str,
-                  chunk_tokens: int | None = None, liger_kernels: bool = False):
+                  chunk_tokens: int | None = None, liger_kernels: bool = False, vocab_tile: int | None = None):
     from datasets import Dataset
 
     opt = CONFIGS[name]
@@ -215,13 +215,15 @@ def build_trainer(name: str, model, processor, row: dict, folder: Path, max_leng
     args = MPOConfig(output_dir=str(folder / "mpo"), max_length=max_length, pack_pairs=opt.pack_pairs,
                      fused_loss=opt.fused_loss, precompute_ref_log_probs=opt.precompute, **common,
                      **({"loss_chunk_tokens": chunk_tokens} if chunk_tokens else {}),
+                     **({"loss_vocab_tile": vocab_tile} if vocab_tile else {}),
                      **({"use_liger_kernels": True} if liger_kernels else {}))
     trainer = MPOTrainer(model, args=args, train_dataset=Dataset.from_list([row]), processing_class=processor)
     return trainer, trainer.data_collator([trainer.train_dataset[0]])  # precomputed reference log-probs ride along
 
 
 def measure(name: str, shape: Shape, device: str, warmup: int, steps: int, threads: int | None,
-            chunk_tokens: int | None = None, attn: str | None = None, liger_kernels: bool = False) -> dict:
+            chunk_tokens: int | None = None, attn: str | None = None, liger_kernels: bool = False,
+            vocab_tile: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     probe = Probe(device)
@@ -236,7 +238,7 @@ def measure(name: str, shape: Shape, device: str, warmup: int, steps: int, threa
         if attn:  # e.g. flex_attention: packed pairs then take a BlockMask (rlhf.packing.block_mask_for_pairs)
             model.set_attn_implementation(attn)
         trainer, batch = build_trainer(name, model, processor, row, folder, max_length, device, chunk_tokens,
-                                       liger_kernels and CONFIGS[name].trainer == "mpo")
+                                       liger_kernels and CONFIGS[name].trainer == "mpo", vocab_tile)
         optimizer = trainer.create_optimizer()
         if not hasattr(trainer, "current_gradient_accumulation_steps"):
             trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=None,
                         help="MPOConfig.loss_chunk_tokens of the fused loss (default: MPOConfig's)")
     parser.add_argument("--vocab-tile", type=int, default=None,
-                        help="vocabulary columns per block of the fused loss (default: rlhf.fused.DEFAULT_VOCAB_TILE; "
+                        help="MPOConfig.loss_vocab_tile of the fused loss (default: MPOConfig's; "
                              "a value >= the vocabulary holds whole rows, the fused loss before vocabulary tiles)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     parser.add_argument("--from-log", type=Path, metavar="FILE",
@@ -388,12 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     shape = SHAPES["tiny" if args.tiny else "small" if args.small else "mmpr"]
     if args.one:
-        if args.vocab_tile:  # this process only: the trainer's fused loss takes the module default
-            import rlhf.fused
-
-            rlhf.fused.DEFAULT_VOCAB_TILE = args.vocab_tile
         print(json.dumps(measure(args.one, shape, args.device, args.warmup, args.steps, args.threads,
-                                 args.chunk_tokens, args.attn, args.liger_kernels)))
+                                 args.chunk_tokens, args.attn, args.liger_kernels, args.vocab_tile)))
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")

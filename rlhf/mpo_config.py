@@ -85,6 +85,9 @@ class MPOConfig(DPOConfig):
                   "materialised, and extra memory does not grow with completion length x vocabulary."},
     )
     loss_chunk_tokens: int = field(default=1024, metadata={"help": "Tokens per chunk of the fused MPO loss."})
+    loss_vocab_tile: int = field(default=8192, metadata={
+        "help": "Vocabulary columns per block of the fused MPO loss: its largest buffer is loss_chunk_tokens x "
+                "this many fp32 values (>= the vocabulary: one block, no recomputation)."})
     ref_logps_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where `precompute_ref_log_probs` caches reference log-probs (default: OUTPUT_DIR/ref_logps); "
@@ -111,6 +114,10 @@ class MPOConfig(DPOConfig):
         for i, name in enumerate(loss_types):
             if name not in TRL_LOSS_TYPES:
                 raise SettingError("loss_type", f"loss types among {', '.join(TRL_LOSS_TYPES)} (entry {i})", name)
+        for name in ("loss_chunk_tokens", "loss_vocab_tile"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingError(name, "an integer >= 1", value)
         for i, w in enumerate(self.loss_weights or []):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
                 raise SettingError("loss_weights", f"finite numbers >= 0 (entry {i})", w)

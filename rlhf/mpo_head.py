@@ -42,6 +42,7 @@ class MPOHeadSpec:
     ref_rejected_logps: torch.Tensor | None = None
     fused: bool = True
     chunk_tokens: int = 1024
+    vocab_tile: int | None = None  # None: rlhf.fused's default
     reference: bool = False
 
 
@@ -79,12 +80,13 @@ def mpo_head_forward(model: torch.nn.Module, batch: dict, spec: MPOHeadSpec) -> 
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, lm_head.bias
     if spec.reference:
-        return {"chosen_logps": chunked_token_logps(ch, weight, bias, ct, cm, spec.chunk_tokens).sum(-1),
-                "rejected_logps": chunked_token_logps(rh, weight, bias, rt, rm, spec.chunk_tokens).sum(-1)}
+        return {"chosen_logps": chunked_token_logps(ch, weight, bias, ct, cm, spec.chunk_tokens, spec.vocab_tile).sum(-1),
+                "rejected_logps": chunked_token_logps(rh, weight, bias, rt, rm, spec.chunk_tokens, spec.vocab_tile).sum(-1)}
     if spec.fused:
         loss, aux = fused_mpo_loss(ch, rh, weight, bias, ct, rt, cm, rm, spec.ref_chosen_logps, spec.ref_rejected_logps,
                                    beta=spec.beta, delta=spec.delta, loss_types=spec.loss_types,
-                                   loss_weights=spec.loss_weights, chunk_tokens=spec.chunk_tokens)
+                                   loss_weights=spec.loss_weights, chunk_tokens=spec.chunk_tokens,
+                                   vocab_tile=spec.vocab_tile)
         return {"loss": loss, **aux}
     chosen_tok = _token_logps(lm_head, ch, ct) * cm
     rejected_tok = _token_logps(lm_head, rh, rt) * rm

@@ -202,7 +202,8 @@ class MPOTrainer(DPOTrainer):
 
     def _head_spec(self, **overrides) -> MPOHeadSpec:
         return MPOHeadSpec(beta=self.beta, loss_types=list(self.loss_types), loss_weights=list(self.loss_weights),
-                           fused=self.args.fused_loss, chunk_tokens=self.args.loss_chunk_tokens, **overrides)
+                           fused=self.args.fused_loss, chunk_tokens=self.args.loss_chunk_tokens,
+                           vocab_tile=self.args.loss_vocab_tile, **overrides)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-prob sums (chosen, rejected) through the MPO head: completion positions only, either

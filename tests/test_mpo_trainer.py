@@ -48,15 +48,19 @@ def build_trainers(tmp_path, tiny_internvl, rows, processor, **cfg):
     return MPOTrainer(policy, ref_model=ref, args=args, train_dataset=rows, processing_class=processor), policy, ref
 
 
-@pytest.mark.parametrize("pack_pairs, fused_loss", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("pack_pairs, fused_loss, vocab_tile", [(True, True, None), (True, True, 100),
+                                                               (True, False, None), (False, True, None),
+                                                               (False, False, None)])
 def test_reward_shift_none_equals_trl_dpo(tmp_path, tiny_internvl, preference_rows, tiny_processor, pack_pairs,
-                                          fused_loss):
+                                          fused_loss, vocab_tile):
     """reward_shift='none': loss and every gradient equal TRL 1.16's DPOTrainer with the same loss types/weights,
-    with and without packed pairs and the fused loss."""
+    with and without packed pairs and the fused loss (also in blocks of 100 of the 640 vocabulary columns)."""
     from trl import DPOConfig, DPOTrainer
 
     ours, policy, ref = build_trainers(tmp_path, tiny_internvl, preference_rows, tiny_processor, reward_shift="none",
-                                       pack_pairs=pack_pairs, fused_loss=fused_loss)
+                                       pack_pairs=pack_pairs, fused_loss=fused_loss,
+                                       **({"loss_vocab_tile": vocab_tile} if vocab_tile else {}))
+    assert ours._head_spec().vocab_tile == (vocab_tile or 8192)
     trl_policy = copy.deepcopy(policy)
     trl_args = DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=["sigmoid", "bco_pair", "sft"],
                          loss_weights=[0.8, 0.2, 1.0], beta=0.1, report_to=[], bf16=False,
@@ -158,6 +162,8 @@ def test_config_defaults_and_validation():
         MPOConfig(output_dir="x", beta=float("nan"))
     with pytest.raises(ValueError):
         MPOConfig(output_dir="x", loss_weights=[1.0])
+    with pytest.raises(ValueError, match=r"^loss_vocab_tile: expected an integer >= 1, got 0$"):
+        MPOConfig(output_dir="x", loss_vocab_tile=0)
 
 
 def test_text_only_causal_lm(tmp_path, tiny_processor):
