@@ -1,4 +1,4 @@
-"""Tests of the tile-sum task (data_gen/task.py): determinism, gold solutions, exact step truth, rendering."""
+"""Tests of the tile-sum task (data_gen/demo/task.py): determinism, gold solutions, exact step truth, rendering."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_gen.task import (
+from data_gen.demo.task import (
     BACKGROUND_JITTER,
     BACKGROUND_LEVELS,
     COLOR_KEY,
@@ -61,7 +61,7 @@ def test_same_item_twice_is_identical_and_splits_differ():
 
 
 def test_items_do_not_depend_on_python_hash_seed():
-    code = ("import hashlib, numpy as np; from data_gen.task import TileSumTask; "
+    code = ("import hashlib, numpy as np; from data_gen.demo.task import TileSumTask; "
             "print(hashlib.sha256(np.asarray(TileSumTask().item('test', 3).image).tobytes()).hexdigest())")
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
