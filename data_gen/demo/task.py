@@ -199,11 +199,6 @@ def step_truth(item_values: list[int], steps: list[str]) -> list[bool]:
     return out
 
 
-def first_error_index(item_values: list[int], steps: list[str]) -> int | None:
-    """Index of the first wrong step under `step_truth`, or None when every step is correct."""
-    return next((i for i, good in enumerate(step_truth(item_values, steps)) if not good), None)
-
-
 def _check_values(values: list[int]) -> None:
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         raise ValueError(f"tile-sum task: values must be a non-empty list of non-negative ints, got {values!r}")
