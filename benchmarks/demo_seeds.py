@@ -21,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_gen import demo  # noqa: E402
-from data_gen.demo_report import targets  # noqa: E402
+from data_gen.demo import pipeline  # noqa: E402
+from data_gen.demo.report import targets  # noqa: E402
+from data_gen.demo.settings import METRICS_FILE  # noqa: E402
 
 # (metric, how to read it from metrics.json, format)
 COLUMNS = [
@@ -52,10 +53,10 @@ def run_seed(seed: int, out: Path, quick: bool, extra: list[str]) -> dict:
     folder = out / f"seed_{seed}"
     load_start, start = os.getloadavg()[0], time.perf_counter()
     argv = ["--seed", str(seed), "--output_dir", str(folder), *(["--quick"] if quick else []), *extra]
-    code = demo.main(argv)
+    code = pipeline.main(argv)
     if code:
         raise SystemExit(f"demo_seeds: seed {seed} failed with exit status {code}")
-    metrics = json.loads((folder / demo.METRICS_FILE).read_text())
+    metrics = json.loads((folder / METRICS_FILE).read_text())
     metrics["sweep"] = {"load_start": round(load_start, 2), "load_end": round(os.getloadavg()[0], 2),
                         "wall_seconds": round(time.perf_counter() - start, 1)}
     return metrics

@@ -8,7 +8,7 @@ batched vs one request at a time.
 
 A random-weight policy is wrong on nearly every continuation, which makes every step `-` and adaptive look no better
 than faithful. So each policy is the tiny InternVL (`rlhf.tiny`, ~1.8M parameters) fine-tuned on the tile-sum task's
-gold solutions first (`data_gen.sft.train_sft`, lr 2e-3 after a 5% warm-up, batches of `--sft_batch`): the competent
+gold solutions first (`data_gen.demo.sft.train_sft`, lr 2e-3 after a 5% warm-up, batches of `--sft_batch`): the competent
 one `--sft_steps` steps with a cosine schedule (the demo recipe without its early stop), the weak one
 `--weak_sft_steps` steps at a constant rate. Each is cached in `--work_dir` (sft{steps}x{batch}[_constant]), so only
 the first run pays it (1000 x 32 takes ~12 CPU-minutes); `--policy` / `--weak_policy` give trained checkpoints
@@ -46,7 +46,7 @@ MODES = ("faithful", "adaptive", "search")
 
 def build_policy(args, name: str) -> tuple[Path, str]:
     """The policy checkpoint of `name` (trained and cached, or the one given) and a line saying what it is."""
-    from data_gen.sft import train_sft
+    from data_gen.demo.sft import train_sft
 
     given = args.policy if name == "competent" else args.weak_policy
     if given:
@@ -86,7 +86,7 @@ def bench_backend(args, name: str, policy: Path, trained: str, throughput: bool,
     from data_gen.label_steps import LabelStepsArguments, run
     from data_gen.rollout import JobArguments, RolloutArguments, SamplingArguments
     from data_gen.rollout import run as rollout
-    from data_gen.task import TileSumTask, step_truth
+    from data_gen.demo.task import TileSumTask, step_truth
     from reward.formats import hard_label, read_jsonl
 
     work = Path(args.work_dir) / name

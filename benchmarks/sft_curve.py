@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from data_gen import demo  # noqa: E402
-from data_gen.sft import VALIDATION_START, parse, train_sft  # noqa: E402
+from data_gen.demo.pipeline import RECIPES  # noqa: E402
+from data_gen.demo.settings import VALIDATION_START  # noqa: E402
+from data_gen.demo.sft import parse, train_sft  # noqa: E402
 
 _VALUES = re.compile(r"the tiles? shows?\s+([\d\s,and]+)", re.IGNORECASE)
 
@@ -63,7 +64,7 @@ class Curve(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if "loss" not in (logs or {}) or state.global_step % self.every:
             return control
-        from data_gen.evaluate import greedy_accuracy
+        from data_gen.demo.accuracy import greedy_accuracy
         from reward.verify import is_correct
 
         acc, responses = greedy_accuracy(model, self.processor, self.items)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for seed in args.seeds:
-        recipe = parse(["--config", str(demo.RECIPES / "sft.yaml"), "--steps", str(args.steps), *args.overrides])
+        recipe = parse(["--config", str(RECIPES / "sft.yaml"), "--steps", str(args.steps), *args.overrides])
         kwargs = recipe.train_kwargs() | {"seed": seed, "stop_at_accuracy": None, "eval_items": 0,
                                           "save_steps": args.steps, "progress": False,
                                           "logging_steps": args.every}

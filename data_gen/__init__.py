@@ -1,0 +1,9 @@
+"""Data generation: rollouts, preference pairs and Monte Carlo step labels as resumable jobs, and the demo.
+
+- `rollout`, `pairs`, `label_steps`: the `mmalign rollout`, `mmalign pairs` and `mmalign label-steps` jobs;
+- `backends`: the rollout backends (`hf` in process, `vllm` offline, `openai` against a server);
+- `workers`: the resumable, shardable job runner behind every job; `ray_executor`: its `executor=ray`;
+- `prompts`: the prompt templates of a rollout;
+- `demo`: `mmalign demo` and `mmalign demo-sft`, the loop in miniature on the synthetic tile-sum task (its stage
+  recipes are package data under `recipes/demo/`).
+"""

@@ -212,13 +212,6 @@ def _check_shard(num_shards: int, shard_index: int) -> None:
                             f"got {shard_index}")
 
 
-def shard_items(items: Iterable[Any], num_shards: int, shard_index: int, *, id_key: str = "id") -> list[Any]:
-    """The items of shard `shard_index` of `num_shards`, in input order, chosen by `shard_of(id)`."""
-    _check_shard(num_shards, shard_index)
-    return [item for index, item in enumerate(items)
-            if shard_of(_item_id(item, id_key, f"items[{index}]"), num_shards) == shard_index]
-
-
 # ---------------------------------------------------------------------------------------------------- files
 
 

@@ -20,8 +20,8 @@ JOBS: dict[str, tuple[str, str]] = {
     "rollout": ("data_gen.rollout:main", "sample chain-of-thought responses and judge their answers"),
     "pairs": ("data_gen.pairs:main", "build MMPR preference pairs from rollouts"),
     "label-steps": ("data_gen.label_steps:main", "Monte Carlo step labels in VisualPRM400K format"),
-    "demo": ("data_gen.demo:main", "the whole InternVL3 post-training loop in miniature, on a CPU"),
-    "demo-sft": ("data_gen.sft:main", "the demo's supervised warm-up of a tiny InternVL on the tile-sum task"),
+    "demo": ("data_gen.demo.pipeline:main", "the whole InternVL3 post-training loop in miniature, on a CPU"),
+    "demo-sft": ("data_gen.demo.sft:main", "the demo's supervised warm-up of a tiny InternVL on the tile-sum task"),
 }
 
 

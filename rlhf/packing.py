@@ -14,7 +14,7 @@ log-probs are those of the two-sequence layout (up to float rounding) at P+C+R t
 
 The LM head runs on completion positions only: `*_src[b, j]` is the index whose hidden state predicts completion
 token j (chosen: P+j-1; rejected: P-1 for j = 0, the last prompt position, else P+C+j-1); `packed_forward` gathers
-those rows and `token_logps` applies the head to them.
+those rows and the MPO head (`rlhf.mpo_head`) applies the LM head to them.
 
 How the mask reaches attention (transformers 5.23): `masking_utils.create_causal_mask` returns any 4-D tensor (or
 `BlockMask`) as it is, and InternVLModel hands `attention_mask` and `position_ids` unchanged to its Qwen2 language
@@ -185,10 +185,3 @@ def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     hidden = backbone(**kwargs).last_hidden_state
     return (torch.take_along_dim(hidden, batch["chosen_src"][..., None], dim=1),
             torch.take_along_dim(hidden, batch["rejected_src"][..., None], dim=1))
-
-
-def token_logps(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token log-probs (B, T) of `targets` from gathered hidden states (B, T, H), in float32; padded slots hold
-    the log-prob of token 0 and are for the caller's mask to drop."""
-    logits = _unwrap(model).get_output_embeddings()(hidden).float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)

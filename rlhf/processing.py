@@ -154,16 +154,6 @@ def chat_prompt(user: str, system: str | None = None) -> str:
     return f"{head}{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
 
 
-def chat_turns(turns: Sequence[tuple[str, str]], system: str | None = None) -> list[tuple[str, str]]:
-    """Multi-turn ChatML as (text before the answer, answer + `<|im_end|>`) pieces; the answer of turn i is
-    followed by `\n` before turn i + 1 starts. Used by the PRM (one `+`/`-` answer per step)."""
-    pieces, head = [], f"{IM_START}system\n{system}{IM_END}\n" if system else ""
-    for i, (user, answer) in enumerate(turns):
-        prefix = ("\n" if i else head) + f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
-        pieces.append((prefix, f"{answer}{IM_END}"))
-    return pieces
-
-
 class InternVLChatProcessor(ProcessorMixin):
     """Tokenizer + tile processor for InternVL chat models. `processor(text=[...], images=[[img, ...], ...])`
     expands the `<image>` placeholders of each text with its images' tiles and tokenizes."""

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from data_gen import demo
+from data_gen.demo import pipeline
 from reward.steps import split_steps
 from rlhf.errors import UserError
 
@@ -20,7 +20,7 @@ STAGES = ("questions", "sft", "rollout", "pairs", "mpo", "test_rollout", "label_
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert demo.main(["--quick", "--output_dir", str(out)]) == 0
+    assert pipeline.main(["--quick", "--output_dir", str(out)]) == 0
     return out
 
 
@@ -45,9 +45,9 @@ def test_quick_demo_writes_report_metrics_and_plots(quick_run):
     assert (quick_run / "prm" / "final" / "model.safetensors").is_file()
     assert (quick_run / "label_steps" / "visualprm.jsonl").read_text().strip()
     # the recipe's step_split reached both label stages: each response is labelled in its steps
-    split = demo.parse([]).step_split
+    split = pipeline.parse([]).step_split
     for stage in ("label_steps", "heldout_labels"):
-        quick = demo.QUICK_ARGS[stage]
+        quick = pipeline.QUICK_ARGS[stage]
         max_steps = int(quick[quick.index("--max_steps") + 1])
         records = [json.loads(line) for line in (quick_run / stage / "mc.jsonl").read_text().splitlines()]
         assert records and all(r["step_split"] == split for r in records)
@@ -72,7 +72,7 @@ def test_quick_demo_writes_report_metrics_and_plots(quick_run):
 def test_rerun_skips_finished_stages(quick_run, caplog):
     before = (quick_run / "metrics.json").read_text()
     caplog.set_level("INFO", logger="mmalign.demo")
-    assert demo.main(["--quick", "--output_dir", str(quick_run)]) == 0
+    assert pipeline.main(["--quick", "--output_dir", str(quick_run)]) == 0
     skipped = [r.getMessage() for r in caplog.records if "done earlier" in r.getMessage()]
     assert len(skipped) == len(STAGES)
     after = json.loads((quick_run / "metrics.json").read_text())
@@ -82,7 +82,7 @@ def test_rerun_skips_finished_stages(quick_run, caplog):
 
 def test_other_settings_in_the_same_folder_are_refused(quick_run):
     with pytest.raises(UserError, match="other settings"):
-        demo.main(["--quick", "--output_dir", str(quick_run), "--aggregation", "mean"])
+        pipeline.main(["--quick", "--output_dir", str(quick_run), "--aggregation", "mean"])
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -91,4 +91,4 @@ def test_other_settings_in_the_same_folder_are_refused(quick_run):
     ("--step_scores", "max", "step_scores"), ("--step_split", "(", "step_split: not a regular expression")])
 def test_bad_settings_are_one_line_errors(tmp_path, flag, value, message):
     with pytest.raises(UserError, match=message):
-        demo.parse(["--output_dir", str(tmp_path), flag, value])
+        pipeline.parse(["--output_dir", str(tmp_path), flag, value])

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_gen import demo
-from data_gen.demo_eval import derangement, mc_agreement_by_kind, prm_warnings, score_test_responses, step_kind
-from data_gen.task import TileSumTask
+from data_gen.demo import pipeline
+from data_gen.demo.evaluate import derangement, mc_agreement_by_kind, prm_warnings, score_test_responses, step_kind
+from data_gen.demo.task import TileSumTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,9 +67,9 @@ def test_prm_one_class_warning():
     ([[400, 0.2], [420, 0.5]], None)])
 def test_sft_band_warning(tmp_path, history, message):
     (tmp_path / "sft_done.json").write_text(json.dumps({"metrics": {"validation_history": history}}))
-    got = demo.sft_warnings(tmp_path, quick=False)
+    got = pipeline.sft_warnings(tmp_path, quick=False)
     assert (got == []) if message is None else message in got[0]
-    assert demo.sft_warnings(tmp_path, quick=True) == []
+    assert pipeline.sft_warnings(tmp_path, quick=True) == []
 
 
 def _records(task, n):
@@ -124,14 +124,14 @@ def test_every_stage_gets_the_demo_seed_and_markers_hold_usage(tmp_path, monkeyp
             return 0
         return main
 
-    d = demo.Demo(demo.parse(["--output_dir", str(tmp_path), "--seed", "3"]))
+    d = pipeline.Demo(pipeline.parse(["--output_dir", str(tmp_path), "--seed", "3"]))
     calls = []
     d.stage("x", {"a": 1}, lambda folder: calls.append(folder), 1, 1)
-    marker = json.loads((tmp_path / "x" / demo.STAGE_FILE).read_text())
-    assert set(demo.USAGE_KEYS) <= set(marker) and marker["cpu_seconds"] >= 0 and marker["load_start"] >= 0
+    marker = json.loads((tmp_path / "x" / pipeline.STAGE_FILE).read_text())
+    assert set(pipeline.USAGE_KEYS) <= set(marker) and marker["cpu_seconds"] >= 0 and marker["load_start"] >= 0
     d.stage("x", {"a": 1}, lambda folder: calls.append(folder), 1, 1)  # done earlier: skipped, usage kept
     assert len(calls) == 1 and d.usage["x"]["cpu_seconds"] == marker["cpu_seconds"]
-    monkeypatch.setattr(demo.Demo, "stage", lambda self, name, settings, fn, i, n: seen.setdefault(name, settings))
+    monkeypatch.setattr(pipeline.Demo, "stage", lambda self, name, settings, fn, i, n: seen.setdefault(name, settings))
     with pytest.raises(FileNotFoundError):
         d.run()  # the fake stages write nothing for the report to read
     jobs = [k for k, v in seen.items() if isinstance(v, dict) and "argv" in v]
@@ -159,7 +159,7 @@ def test_wheel_ships_the_demo_recipes(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for recipe in ("demo", "sft", "rollout", "pairs", "mpo", "label_steps", "prm"):
         assert f"data_gen/recipes/demo/{recipe}.yaml" in names, recipe
-    assert demo.RECIPES.is_dir() and (demo.RECIPES / "demo.yaml").is_file()
+    assert pipeline.RECIPES.is_dir() and (pipeline.RECIPES / "demo.yaml").is_file()
 
 
 def test_seed_table_min_median_max_and_missed_targets():
@@ -189,7 +189,7 @@ def test_step_scores_line_up_with_the_steps_they_judge():
     from reward.scorer import PRMScorer
     from rlhf.tiny import build_internvl, build_processor
 
-    split = demo.parse([]).step_split
+    split = pipeline.parse([]).step_split
     processor = build_processor()
     scorer = PRMScorer(build_internvl(processor, seed=0).eval(), processor, max_patches=1, system=None,
                        max_steps=12, step_split=split)
@@ -207,6 +207,6 @@ def test_step_scores_line_up_with_the_steps_they_judge():
 
 
 def step_truth_of(item, steps):
-    from data_gen.task import step_truth
+    from data_gen.demo.task import step_truth
 
     return step_truth(item.values, steps)

@@ -19,13 +19,13 @@ from PIL import Image
 
 from rlhf.collator import MPOCollator, record_to_row
 from rlhf.losses import MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, implicit_rewards, mpo_losses
+from rlhf.mpo_head import _token_logps
 from rlhf.packing import (
     PackedPairCollator,
     block_mask_for_pairs,
     pair_attention_mask,
     pair_mask_mod,
     packed_forward,
-    token_logps,
 )
 
 IMPLEMENTATIONS = ["sdpa", "eager"]
@@ -81,9 +81,11 @@ def reference_logps(model, processing_class, rows, max_length, widths):
 
 
 def packed_logps(model, batch):
+    """The unfused MPO head's per-token log-probs (`rlhf.mpo_head`) on the packed rows."""
     chosen_hidden, rejected_hidden = packed_forward(model, batch)
-    return (token_logps(model, chosen_hidden, batch["chosen_targets"]),
-            token_logps(model, rejected_hidden, batch["rejected_targets"]))
+    lm_head = model.get_output_embeddings()
+    return (_token_logps(lm_head, chosen_hidden, batch["chosen_targets"]),
+            _token_logps(lm_head, rejected_hidden, batch["rejected_targets"]))
 
 
 def both_paths(model, processing_class, rows, max_length=None):

@@ -1,4 +1,4 @@
-"""Demo stage 1 (data_gen/sft.py) and the accuracy helpers (data_gen/evaluate.py), on the tiny InternVL."""
+"""Demo stage 1 (data_gen/demo/sft.py) and the accuracy helpers (data_gen/demo/accuracy.py), on the tiny InternVL."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import InternVLForConditionalGeneration, TrainerCallback
 
-from data_gen.evaluate import FirstError, first_error, first_errors, greedy_accuracy, majority_correct
-from data_gen.sft import (
+from data_gen.demo.accuracy import FirstError, first_error, first_errors, greedy_accuracy, majority_correct
+from data_gen.demo.sft import (
     CONFIG_FILE,
     DONE_FILE,
     FINAL_DIR,
@@ -25,7 +25,7 @@ from data_gen.sft import (
     parse,
     train_sft,
 )
-from data_gen.task import TileSumTask
+from data_gen.demo.task import TileSumTask
 from rlhf.errors import UserError
 from rlhf.processing import IM_END, InternVLChatProcessor
 from rlhf.tiny import TinySizes, build_internvl
@@ -116,7 +116,7 @@ def test_reading_target_adds_the_weighted_cell_cross_entropy(tiny_processor, tmp
     logits at the 16 image tokens against the cell digits, computed here from a plain forward pass."""
     from transformers import TrainingArguments
 
-    from data_gen.sft import _sft_trainer_class
+    from data_gen.demo.sft import _sft_trainer_class
 
     batch = SFTCollator(tiny_processor)([TileSumItems(TileSumTask(), 2)[i] for i in range(2)])
     model = build_internvl(tiny_processor, TinySizes(), seed=0).eval()
@@ -229,7 +229,7 @@ def test_curriculum_by_mixture_trains_on_fewer_tiles_and_validates_on_the_task()
     kwargs = args.train_kwargs()
     assert kwargs["task"] == TileSumTask(min_tiles=4, max_tiles=5)
     assert kwargs["train_task"] == TileSumTask(min_tiles=1, max_tiles=5)
-    from data_gen.sft import TileSumItems
+    from data_gen.demo.sft import TileSumItems
 
     counts = {len(TileSumItems(kwargs["train_task"], 200)[i]["solution"].split("\n\n")) - 1 for i in range(200)}
     assert counts == {1, 2, 3, 4, 5}  # reading + (n - 1) sums + answer = n + 1 steps: 1 to 5 tiles
@@ -282,7 +282,7 @@ def test_majority_vote_and_first_errors():
 def test_stop_at_accuracy(tmp_path, monkeypatch, reported, stopped_at, steps, checked):
     """Training stops at the first check whose validation greedy accuracy reaches the threshold (0.4 here); the
     checks run every 2 steps from step 2 on (not at the last step), on validation items of the train split."""
-    import data_gen.evaluate as evaluate
+    import data_gen.demo.accuracy as accuracy
 
     seen = []
 
@@ -290,7 +290,7 @@ def test_stop_at_accuracy(tmp_path, monkeypatch, reported, stopped_at, steps, ch
         seen.append([it.id for it in items])
         return reported, ["" for _ in items]
 
-    monkeypatch.setattr(evaluate, "greedy_accuracy", fake_greedy)
+    monkeypatch.setattr(accuracy, "greedy_accuracy", fake_greedy)
     run = {**RUN, "eval_items": 0}
     final = train_sft(tmp_path / "run", **run, stop_at_accuracy=0.4, stop_check_every=2, stop_check_after=2,
                       stop_check_items=3)
@@ -309,5 +309,5 @@ def test_stop_at_accuracy_must_be_a_fraction(tmp_path):
 def test_demo_sft_is_a_registered_job(capsys):
     from rlhf import cli
 
-    assert cli.JOBS["demo-sft"][0] == "data_gen.sft:main"
+    assert cli.JOBS["demo-sft"][0] == "data_gen.demo.sft:main"
     assert cli.main(["--help"]) == 0 and "demo-sft" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Tests of the tile-sum task (data_gen/task.py): determinism, gold solutions, exact step truth, rendering."""
+"""Tests of the tile-sum task (data_gen/demo/task.py): determinism, gold solutions, exact step truth, rendering."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_gen.task import (
+from data_gen.demo.task import (
     BACKGROUND_JITTER,
     BACKGROUND_LEVELS,
     COLOR_KEY,
     QUESTION,
     TileSumTask,
     claim_kind,
-    first_error_index,
     format_values,
     gold_solution,
     step_truth,
@@ -61,7 +60,7 @@ def test_same_item_twice_is_identical_and_splits_differ():
 
 
 def test_items_do_not_depend_on_python_hash_seed():
-    code = ("import hashlib, numpy as np; from data_gen.task import TileSumTask; "
+    code = ("import hashlib, numpy as np; from data_gen.demo.task import TileSumTask; "
             "print(hashlib.sha256(np.asarray(TileSumTask().item('test', 3).image).tobytes()).hexdigest())")
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
@@ -112,7 +111,6 @@ def test_gold_items_are_all_correct_and_consistent():
                                                          + ["answer"])
         assert step_truth(it.values, tile_steps) == [True] * len(tile_steps)
         assert step_truth(it.values, steps) == [True] * len(steps)
-        assert first_error_index(it.values, steps) is None
         # Reading order is row-major over cells, and the values are the painted tiles' values.
         assert [t.cell for t in it.tiles] == sorted({t.cell for t in it.tiles})
         assert [t.value for t in it.tiles] == it.values
@@ -127,7 +125,6 @@ def test_per_tile_misread_is_wrong_at_its_own_step():
     steps = ["Tile 1 shows 3.", "Tile 2 shows 7.", "Tile 3 shows 6.", "Tile 4 shows 9.", "3 + 7 = 10.",
              "10 + 6 = 16.", "16 + 9 = 25.", "Answer: \\boxed{25}"]
     assert step_truth(VALUES, steps) == [True, True] + [False] * 6
-    assert first_error_index(VALUES, steps) == 2
 
 
 @pytest.mark.parametrize(
@@ -166,14 +163,12 @@ def test_misread_at_step_one_makes_every_step_wrong():
     # against the truth: "3 + 1 = 4." is not "3 + 7 = 10.", and 18 is not 24.
     steps = ["The tiles show 3, 1, 5 and 9.", "3 + 1 = 4.", "4 + 5 = 9.", "9 + 9 = 18.", "Answer: \\boxed{18}"]
     assert step_truth(VALUES, steps) == [False] * 5
-    assert first_error_index(VALUES, steps) == 0
 
 
 def test_wrong_partial_sum_at_step_three():
     # Steps 1-2 right; 10 + 5 = 16 is wrong, everything after is wrong ("correct up to this step").
     steps = ["The tiles show 3, 7, 5 and 9.", "3 + 7 = 10.", "10 + 5 = 16.", "16 + 9 = 25.", "Answer: \\boxed{25}"]
     assert step_truth(VALUES, steps) == [True, True, False, False, False]
-    assert first_error_index(VALUES, steps) == 2
     # Even a step that would be right on its own ("15 + 9 = 24.") stays wrong after an error.
     steps = ["The tiles show 3, 7, 5 and 9.", "3 + 7 = 10.", "10 + 5 = 16.", "15 + 9 = 24.", "Answer: \\boxed{24}"]
     assert step_truth(VALUES, steps) == [True, True, False, False, False]
@@ -184,7 +179,6 @@ def test_right_answer_by_luck_after_misread():
     steps = ["The tiles show 3, 8, 5 and 8.", "3 + 8 = 11.", "11 + 5 = 16.", "16 + 8 = 24.", "Answer: \\boxed{24}"]
     assert last_boxed("\n\n".join(steps)) == "24"
     assert step_truth(VALUES, steps) == [False] * 5
-    assert first_error_index(VALUES, steps) == 0
 
 
 @pytest.mark.parametrize(
@@ -226,7 +220,6 @@ def test_right_answer_by_luck_after_misread():
 )
 def test_step_truth_cases(steps, expected):
     assert step_truth(VALUES, steps) == expected
-    assert first_error_index(VALUES, steps) == (expected.index(False) if False in expected else None)
 
 
 def test_step_truth_rejects_bad_input():

@@ -25,7 +25,6 @@ from data_gen.workers import (
     item_seed,
     merge,
     run_job,
-    shard_items,
     shard_of,
 )
 
@@ -91,9 +90,17 @@ def test_item_seed_is_a_fixed_63_bit_value_in_every_process():
         item_seed(0, "a", object())
 
 
-def test_shards_are_disjoint_covering_and_do_not_move_when_items_are_added():
+def shard_ids(items: list[dict], num_shards: int, shard_index: int, folder: Path) -> list[str]:
+    """The ids `run_job` processes as shard `shard_index` of `num_shards`, in the order it commits them."""
+    run_job(items, square, folder, name="squares", num_shards=num_shards, shard_index=shard_index, progress=False)
+    path = folder / ("squares.jsonl" if num_shards == 1 else f"squares.shard{shard_index}.jsonl")
+    return [r["id"] for r in lines(path)]
+
+
+def test_shards_are_disjoint_covering_and_do_not_move_when_items_are_added(tmp_path):
     items = make_items(200)
-    shards = [shard_items(items, 4, k) for k in range(4)]
+    by_id = {item["id"]: item for item in make_items(300)}
+    shards = [[by_id[i] for i in shard_ids(items, 4, k, tmp_path / "200")] for k in range(4)]
     ids = [{item["id"] for item in shard} for shard in shards]
     assert sum(len(s) for s in ids) == 200 and set().union(*ids) == {item["id"] for item in items}
     assert all(len(s) >= 30 for s in ids)  # blake2b spreads 200 ids over 4 shards: 50 expected each
@@ -103,8 +110,8 @@ def test_shards_are_disjoint_covering_and_do_not_move_when_items_are_added():
     assert [shard_of(f"q{i:03d}", 4) for i in range(8)] == [shard_of(item["id"], 4) for item in items[:8]]
     grown = make_items(300)
     for k in range(4):
-        assert [item for item in shard_items(grown, 4, k) if item["x"] < 200] == shards[k]
-    assert shard_items(items, 1, 0) == items
+        assert [by_id[i] for i in shard_ids(grown, 4, k, tmp_path / "300") if by_id[i]["x"] < 200] == shards[k]
+    assert shard_ids(items, 1, 0, tmp_path / "one") == [item["id"] for item in items]
 
 
 @pytest.mark.parametrize(("num_shards", "shard_index", "message"), [
@@ -112,9 +119,10 @@ def test_shards_are_disjoint_covering_and_do_not_move_when_items_are_added():
     (4, -1, "shard_index must be in 0..3 for num_shards=4, got -1"),
     (0, 0, "num_shards must be >= 1, got 0"),
 ])
-def test_shard_arguments_are_checked(num_shards, shard_index, message):
+def test_shard_arguments_are_checked(tmp_path, num_shards, shard_index, message):
     with pytest.raises(JobInputError) as err:
-        shard_items(make_items(3), num_shards, shard_index)
+        run_job(make_items(3), square, tmp_path, name="squares", num_shards=num_shards, shard_index=shard_index,
+                progress=False)
     assert str(err.value) == message
 
 

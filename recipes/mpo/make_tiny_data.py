@@ -9,7 +9,7 @@ import json
 import random
 from pathlib import Path
 
-from data_gen.task import TileSumTask, gold_solution
+from data_gen.demo.task import TileSumTask, gold_solution
 
 OUT = Path(__file__).resolve().parent / "tiny_data"
 

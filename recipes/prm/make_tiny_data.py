@@ -2,7 +2,7 @@
 
 Per task item, five solutions: the gold one and four corrupted ones (a misread tile, an arithmetic slip in one
 partial sum that the later steps carry on, a wrong tile added in one partial sum, a wrong final answer). Labels are
-exact: `data_gen.task.step_truth` ("correct up to this step"). 40 train items (200 solutions, "train" split) and 10
+exact: `data_gen.demo.task.step_truth` ("correct up to this step"). 40 train items (200 solutions, "train" split) and 10
 eval items (50 solutions, "test" split); images are 112 px PNGs with noise 0.02 (the task default 0.06 compresses
 about a third worse), so the folder stays near 1.2 MB. Records are `reward.formats.StepwiseRecord` JSON lines with
 image paths relative to the folder.
@@ -16,7 +16,7 @@ import random
 import sys
 from pathlib import Path
 
-from data_gen.task import TileSumTask, format_values, gold_solution, step_truth
+from data_gen.demo.task import TileSumTask, format_values, gold_solution, step_truth
 from reward.formats import StepwiseRecord, write_jsonl
 
 OUT = Path(__file__).resolve().parent / "tiny_data"

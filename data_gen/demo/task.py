@@ -69,7 +69,7 @@ READING_STYLES = ("list", "per_tile")
 QUESTION = "<image>\nAdd the numbers shown by the coloured tiles, left to right, top to bottom."
 BACKGROUND_LEVELS = (40, 200)  # dark and light neutral grey, each jittered by up to +-BACKGROUND_JITTER
 BACKGROUND_JITTER = 10
-_SEED_NAMESPACE = "mmalign/data_gen/task/tile-sum"
+_SEED_NAMESPACE = "mmalign/data_gen/task/tile-sum"  # fixed for good: every item (image, values) derives from it
 
 _VALUE_LIST = r"\d+(?:\s*(?:,\s*and|,|and)\s*\d+)*"
 _READING = re.compile(rf"the tiles? shows?\s+({_VALUE_LIST})\s*([.,]?)", re.IGNORECASE)
@@ -197,11 +197,6 @@ def step_truth(item_values: list[int], steps: list[str]) -> list[bool]:
             n_claims += 1
         out.append(ok)
     return out
-
-
-def first_error_index(item_values: list[int], steps: list[str]) -> int | None:
-    """Index of the first wrong step under `step_truth`, or None when every step is correct."""
-    return next((i for i, good in enumerate(step_truth(item_values, steps)) if not good), None)
 
 
 def _check_values(values: list[int]) -> None:

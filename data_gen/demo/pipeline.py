@@ -5,7 +5,7 @@ each in its own folder under
 `output_dir`, each skipped on a rerun once finished; an interrupted stage resumes as its job does):
 
     questions        tile-sum questions written as JSON lines + PNGs (train and held-out test splits)
-    sft              supervised warm-up of a random-init tiny InternVL on gold chains of thought (data_gen.sft)
+    sft              supervised warm-up of a random-init tiny InternVL on gold chains of thought (data_gen.demo.sft)
     rollout          K samples per training question from the SFT policy (`mmalign rollout`)
     pairs            correctness + DropoutNTP pairs in MMPR format (`mmalign pairs`), each rejected response cut
                      after its first step that differs from the chosen one (`truncate_rejected`, ours)
@@ -38,7 +38,7 @@ import shutil
 import sys
 import time
 from importlib.resources import files
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,20 +46,13 @@ from reward.formats import PRM_SYSTEM_PROMPT
 from reward.steps import compile_step_split
 from rlhf.errors import UserError
 
+from .settings import METRICS_FILE, ROLLOUT_START, SFT_BAND, TEST_START
+
 logger = logging.getLogger("mmalign.demo")
 
 RECIPES = Path(str(files("data_gen") / "recipes" / "demo"))  # package data: present in a wheel install too
 STAGE_FILE = "stage_done.json"
-METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
-TEST_START = 0  # test items are their own split; train questions start after the SFT items (no overlap)
-ROLLOUT_START = 1_000_000
-# targets of the issue, shown in the report
-TARGETS = {"mpo_gain": 0.10, "bon_vs_majority": 0.05, "bon_vs_random": 0.08, "prm_step_f1_exact": 0.80,
-           "reading_auc": 0.80, "sum_auc": 0.90, "ablated_reading_auc_max": 0.60, "bon_vs_ablated": 0.05,
-           "full_minutes": 20.0, "quick_minutes": 3.0}
-# the SFT policy's greedy accuracy where MPO and Best-of-N have room to show a gain (validation items)
-SFT_BAND = (0.35, 0.65)
 
 # `--quick`: the same stages, CI-sized (a couple of minutes on 2 CPU cores); these replace the recipes' values
 QUICK_SIZES = {"train_questions": 12, "label_questions": 4, "test_questions": 8, "bon_samples": 8,
@@ -207,7 +200,7 @@ class Demo:
         from rlhf.mpo_job import main as mpo_main
         from reward.prm_job import main as prm_main
 
-        from . import label_steps, pairs, rollout
+        from .. import label_steps, pairs, rollout
 
         a = self.args
         self.out.mkdir(parents=True, exist_ok=True)
@@ -276,7 +269,7 @@ class Demo:
                 shutil.copyfile(self.dir("evaluate") / png, self.out / png)
         if (self.dir("mpo") / "mpo_training.png").is_file():
             shutil.copyfile(self.dir("mpo") / "mpo_training.png", self.out / "mpo_training.png")
-        from .demo_report import write_report
+        from .report import write_report
 
         write_report(self.out / REPORT_FILE, metrics, a, self.skipped)
         return metrics
@@ -312,9 +305,10 @@ class Demo:
                     f.write(json.dumps(r) + "\n")
 
     def evaluate(self, folder: Path) -> None:
-        from .demo_eval import evaluate
+        from .evaluate import EvalInputs, EvalSettings, evaluate
 
-        evaluate(self, folder)
+        inputs = EvalInputs(**{f.name: self.dir(f.name) for f in fields(EvalInputs)})
+        evaluate(folder, inputs, EvalSettings.of(self.args))
 
 
 def sft_warnings(folder: Path, quick: bool) -> list[str]:

@@ -1,6 +1,6 @@
 """Stage 1 of the demo: supervised warm-up of a tiny InternVL policy on the tile-sum task.
 
-A random-weight tiny InternVL (`rlhf.tiny`) learns to answer `data_gen.task` questions in the gold chain-of-thought
+A random-weight tiny InternVL (`rlhf.tiny`) learns to answer `data_gen.demo.task` questions in the gold chain-of-thought
 format, so that its greedy accuracy is well below its pass@8: the room that MPO, the PRM and Best-of-N need.
 
 - data: training items made on the fly by `TileSumTask.item("train", i)` (deterministic, never stored);
@@ -32,7 +32,8 @@ from rlhf.errors import UserError
 from rlhf.processing import IM_END, InternVLChatProcessor, chat_prompt
 from rlhf.tiny import TinySizes
 
-from .prompts import PromptTemplate, build_prompt
+from ..prompts import PromptTemplate, build_prompt
+from .settings import VALIDATION_START
 from .task import TileSumTask
 
 logger = logging.getLogger("mmalign.sft")
@@ -214,9 +215,6 @@ class _Timer(TrainerCallback):
                 "torch_threads": torch.get_num_threads()}
 
 
-VALIDATION_START = 2_000_000  # validation items of the early stop: train split, far from training and rollout items
-
-
 class _StopAtAccuracy(TrainerCallback):
     """Stop training once greedy accuracy on `n_items` validation items reaches `threshold`, checked every `every`
     steps from step `after` on. The tile-sum policy learns to read the colours abruptly (sample accuracy 14% after
@@ -233,7 +231,7 @@ class _StopAtAccuracy(TrainerCallback):
         step = state.global_step
         if step < self.after or step % self.every or step >= state.max_steps:
             return control
-        from .evaluate import greedy_accuracy
+        from .accuracy import greedy_accuracy
 
         acc, _ = greedy_accuracy(model, self.processor, self.items)
         self.history.append((step, round(acc, 4)))
@@ -383,7 +381,7 @@ def _evaluate(model, processor, task: TileSumTask, n_items: int, n_samples: int,
               batch_size: int, seed: int, responses_path: Path) -> dict[str, Any]:
     from reward.verify import is_correct
 
-    from .evaluate import first_error, first_errors, greedy_accuracy, sample_accuracy
+    from .accuracy import first_error, first_errors, greedy_accuracy, sample_accuracy
 
     items = task.items("test", n_items)
     start = time.perf_counter()

@@ -19,14 +19,14 @@ from reward.formats import split_steps
 from reward.verify import extract_answer, is_correct
 from rlhf.errors import UserError
 
-from .prompts import PromptTemplate, build_prompt
+from ..prompts import PromptTemplate, build_prompt
 from .task import TaskItem, claim_kind, step_truth
 
 MAX_NEW_TOKENS = 128  # the longest gold solution of 5 tiles: 77 tokens with <|im_end|> (117 per tile)
 
 
 class FirstError(StrEnum):
-    """Where a response first goes wrong, by `data_gen.task.step_truth`: the kind of its first wrong claim."""
+    """Where a response first goes wrong, by `data_gen.demo.task.step_truth`: the kind of its first wrong claim."""
 
     NONE = "none"  # every step right, the answer included
     READING = "reading"  # a value read from the image is wrong, or a claim before any partial sum is unparseable
@@ -51,9 +51,9 @@ class SampleScores:
 
 def _generate(model, processor, items: Sequence[TaskItem], *, n: int, temperature: float, batch_size: int,
               seed: int, max_new_tokens: int) -> list[list[str]]:
-    from .backends.base import GenerationRequest, SamplingParams
-    from .backends.hf import HFBackend
-    from .workers import item_seed
+    from ..backends.base import GenerationRequest, SamplingParams
+    from ..backends.hf import HFBackend
+    from ..workers import item_seed
 
     if batch_size < 1:
         raise UserError(f"evaluation batch_size must be >= 1, got {batch_size}")

@@ -9,6 +9,8 @@ from typing import Any
 
 from reward.formats import PRM_SYSTEM_PROMPT
 
+from .settings import TARGETS
+
 STAGE_HELP = {
     "questions": "tile-sum questions written (train and held-out test)",
     "sft": "supervised warm-up of the tiny InternVL on gold chains of thought",
@@ -40,8 +42,6 @@ def _cpu_capability() -> str:
 
 def targets(m: dict[str, Any], quick: bool) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) rows; `met` is None where the number is missing."""
-    from .demo import TARGETS
-
     def row(name: str, measured: str, ok: bool | None) -> tuple[str, str, bool | None]:
         return name, measured, ok
 

@@ -1,15 +1,19 @@
 """The demo's evaluation stage: policies, Best-of-k with the PRM, and the PRM's step judgements.
 
-- greedy accuracy of the SFT and the MPO policy on the held-out test questions (`data_gen.evaluate`), with where
+- greedy accuracy of the SFT and the MPO policy on the held-out test questions (`data_gen.demo.accuracy`), with where
   their answers first go wrong;
 - Best-of-k, k = 1..N, on the `test_rollout` samples: the PRM's pick (`reward.PRMScorer`, `aggregation`) against
   majority vote, pass@k and a random pick (`reward.bon`);
 - the PRM's step macro-F1 (step score > `step_threshold`; the score is each P(+) or its running minimum or
   product, as `step_scores` says) against the held-out Monte Carlo labels (`heldout_labels`) and against the task's
-  exact step labels (`data_gen.task.step_truth`) of every test response; and, for reference, how well the Monte
+  exact step labels (`data_gen.demo.task.step_truth`) of every test response; and, for reference, how well the Monte
   Carlo labels themselves match the exact ones;
 - whether the PRM checks each kind of step: the AUC of P(+) between right and wrong steps of a kind (reading,
   partial sum, answer), counting only steps whose earlier steps are all right (a step judged on its own).
+
+`evaluate(folder, inputs, settings)` reads the earlier stages' folders (`EvalInputs`) and the demo settings it needs
+(`EvalSettings`, `EvalSettings.of(demo_arguments)`), and writes metrics.json, the greedy responses, the PRM's scores
+and bon_curve.png into `folder`.
 """
 
 from __future__ import annotations
@@ -18,14 +22,13 @@ import json
 import logging
 from itertools import accumulate
 from operator import mul
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 
-if TYPE_CHECKING:
-    from .demo import Demo
+from .settings import METRICS_FILE, TEST_START
 
 logger = logging.getLogger("mmalign.demo")
 
@@ -176,7 +179,7 @@ def prm_warnings(exact: dict[str, Any]) -> list[str]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    from .rollout import json_lines
+    from ..rollout import json_lines
 
     return [obj for _, _, obj in json_lines(path)]
 
@@ -192,7 +195,7 @@ def _image(record: dict, default_root: Path) -> Image.Image:
 def _policy_accuracy(path: Path, items, batch_size: int) -> tuple[float, list[str], dict[str, int]]:
     from rlhf.models import load_model_and_processor
 
-    from .evaluate import first_errors, greedy_accuracy
+    from .accuracy import first_errors, greedy_accuracy
 
     model, processor = load_model_and_processor(str(path))
     model.eval()
@@ -200,24 +203,60 @@ def _policy_accuracy(path: Path, items, batch_size: int) -> tuple[float, list[st
     return acc, responses, first_errors(items, responses)
 
 
-def evaluate(demo: "Demo", folder: Path) -> None:
+@dataclass(frozen=True)
+class EvalSettings:
+    """The demo settings (`pipeline.DemoArguments`) the evaluate stage reads."""
+
+    test_questions: int
+    bon_policy: str
+    aggregation: str
+    step_split: str | None
+    prm_system_prompt: str
+    step_scores: str
+    step_threshold: float
+    eval_batch_size: int
+    seed: int
+
+    @classmethod
+    def of(cls, args: Any) -> "EvalSettings":
+        """The fields of this class, read from `args` (a `DemoArguments` or anything with those attributes)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """The folders of the earlier stages the evaluate stage reads: the questions, the policies' stage folders (each
+    with its `final` model), the rollouts and pairs, and both label stages."""
+
+    questions: Path
+    sft: Path
+    rollout: Path
+    pairs: Path
+    mpo: Path
+    test_rollout: Path
+    label_steps: Path
+    heldout_labels: Path
+    prm: Path
+
+
+def evaluate(folder: Path, inputs: EvalInputs, settings: EvalSettings) -> None:
+    """The evaluate stage: read the stages' outputs in `inputs`, write metrics.json and the rest into `folder`."""
     from reward.bon import bon_metrics, markdown_table, plot_curve
     from reward.eval_job import step_f1
     from reward.formats import hard_label, read_jsonl
     from reward.scorer import PRMScorer
     from rlhf.models import load_model_and_processor
 
-    from .demo import TEST_START
-    from .rollout import pass_counts
+    from ..rollout import pass_counts
     from .task import TileSumTask, step_truth
 
-    a = demo.args
+    a = settings
     metrics: dict[str, Any] = {}
     items = TileSumTask().items("test", a.test_questions, TEST_START)
 
     # 1. greedy accuracy of both policies
     for name in ("sft", "mpo"):
-        acc, responses, errors = _policy_accuracy(demo.dir(name) / "final", items, a.eval_batch_size)
+        acc, responses, errors = _policy_accuracy(getattr(inputs, name) / "final", items, a.eval_batch_size)
         metrics[f"{name}_greedy_acc"] = round(acc, 4)
         metrics[f"{name}_first_errors"] = errors
         with (folder / f"{name}_greedy.jsonl").open("w", encoding="utf-8") as f:
@@ -226,13 +265,13 @@ def evaluate(demo: "Demo", folder: Path) -> None:
         logger.info("greedy accuracy %s: %.3f (first errors %s)", name, acc, errors)
 
     # 2. Best-of-k with the PRM, with each question's own image and, as an ablation, another question's image
-    prm, processor = load_model_and_processor(str(demo.dir("prm") / "final"))
+    prm, processor = load_model_and_processor(str(inputs.prm / "final"))
     prm.eval()
     scorer = PRMScorer(prm, processor, aggregation=a.aggregation, max_steps=MAX_STEPS, batch_size=16, max_patches=1,
                        step_split=a.step_split, system=a.prm_system_prompt or None)
-    values = {r["id"]: r["values"] for r in _read_jsonl(demo.dir("questions") / "test.jsonl")}
-    records = sorted(_read_jsonl(demo.dir("test_rollout") / "rollouts.jsonl"), key=lambda r: r["id"])
-    images = [_image(r, demo.dir("questions")) for r in records]
+    values = {r["id"]: r["values"] for r in _read_jsonl(inputs.questions / "test.jsonl")}
+    records = sorted(_read_jsonl(inputs.test_rollout / "rollouts.jsonl"), key=lambda r: r["id"])
+    images = [_image(r, inputs.questions) for r in records]
     swap = derangement(len(records), a.seed)
     real = score_test_responses(scorer, records, images, values, a.step_scores, "PRM scoring")
     ablated = score_test_responses(scorer, records, [images[j] for j in swap], values, a.step_scores,
@@ -265,7 +304,7 @@ def evaluate(demo: "Demo", folder: Path) -> None:
     metrics["prm_step_label_balance"] = real.balance_by_kind()
     metrics["prm_image_sensitivity"] = round(real.image_sensitivity(ablated), 6)
     mc_labels, mc_probs, mc_exact, mc_kinds = [], [], [], []
-    heldout = demo.dir("heldout_labels")
+    heldout = inputs.heldout_labels
     for record in read_jsonl(heldout / "mc.jsonl", "mc"):
         steps = [s.step for s in record.steps]
         if not steps:
@@ -285,19 +324,19 @@ def evaluate(demo: "Demo", folder: Path) -> None:
         agree = step_f1(mc_exact, [1.0 if y else 0.0 for y in mc_labels], 0.5)
         metrics["mc_labels_vs_exact_f1"] = round(agree["macro_f1"], 4)
         metrics["mc_labels_vs_exact_by_kind"] = mc_agreement_by_kind(mc_exact, mc_labels, mc_kinds)
-    train_values = {r["id"]: r["values"] for r in _read_jsonl(demo.dir("questions") / "train.jsonl")}
-    metrics["train_mc_labels_vs_exact_by_kind"] = mc_label_quality(demo.dir("label_steps") / "mc.jsonl", train_values)
-    label_summary = demo.dir("label_steps") / "label_summary.json"
+    train_values = {r["id"]: r["values"] for r in _read_jsonl(inputs.questions / "train.jsonl")}
+    metrics["train_mc_labels_vs_exact_by_kind"] = mc_label_quality(inputs.label_steps / "mc.jsonl", train_values)
+    label_summary = inputs.label_steps / "label_summary.json"
     if label_summary.is_file():
         metrics["label_steps"] = json.loads(label_summary.read_text())
     for name, file in (("pairs", "summary.json"), ("rollout", "summary.json")):
-        path = demo.dir(name) / file
+        path = getattr(inputs, name) / file
         if path.is_file():
             metrics[f"{name}_summary"] = json.loads(path.read_text())
-    correct, total, _ = pass_counts(demo.dir("rollout") / "rollouts.jsonl")
+    correct, total, _ = pass_counts(inputs.rollout / "rollouts.jsonl")
     metrics["train_pass_rate"] = round(correct / total, 4) if total else None
     metrics["warnings"] = prm_warnings(exact)
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("Best-of-%d: PRM %.3f, majority %.3f, random %.3f, pass %.3f; PRM step F1 %.3f (MC), %.3f (exact)",
                 k8, metrics[f"bon_prm_acc@{k8}"], metrics[f"majority_acc@{k8}"], metrics[f"random_acc@{k8}"],
                 metrics[f"pass@{k8}"], metrics["prm_step_f1"], metrics["prm_step_f1_exact"])
