@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from data_gen.demo import pipeline
-from data_gen.demo.evaluate import derangement, mc_agreement_by_kind, prm_warnings, score_test_responses, step_kind
+from data_gen.demo.evaluate import (derangement, mc_agreement_by_kind, prm_fit_by_kind, prm_warnings, reading_piece,
+                                    score_test_responses, step_kind)
 from data_gen.demo.task import TileSumTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,42 @@ def test_derangement_needs_two_items():
 def test_step_kind_of_step_split_pieces():
     assert [step_kind(s) for s in ["The tiles show 3,", "7,", "and 9.", "3 + 7 = 10.", "Answer: \\boxed{10}",
                                    "", "hello"]] == ["reading", "reading", "reading", "sum", "answer", None, None]
+
+
+def test_reading_piece_names_the_place_in_the_list():
+    pieces = ["The tiles show 3,", " 7,", " 5", " and 9.", "The tiles show 3, 7, 5 and 9.", "The tile shows 4.",
+              "3 + 7 = 10.", "Answer: \\boxed{10}"]
+    assert [reading_piece(s) for s in pieces] == ["first", "middle", "middle", "last", "last", "last", None, None]
+
+
+def test_prm_fit_by_kind_worked_numbers(tmp_path):
+    """Two labelled solutions, a scorer that says P(+) = 0.8 for every step: BCE is -ln 0.8 = 0.2231 on `+` labels
+    and -ln 0.2 = 1.6094 on `-` labels. Reading pieces: first (+, +), last (+, -); sums: (+, -); answer: (+)."""
+    from PIL import Image
+
+    from reward.scorer import SolutionScore
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    def record(steps, scores):
+        return {"id": "q#0", "image": "a.png", "question": "<image>\nq", "steps_with_score": [
+            {"step": st, "score": sc, "num_mc_correct": int(sc > 0), "num_mc_total": 1} for st, sc in zip(steps, scores)]}
+    rows = [record(["The tiles show 3,", " and 4.", "3 + 4 = 7.", "Answer: \\boxed{7}"], [1, 1, 1, 1]),
+            record(["The tiles show 5,", " and 6.", "5 + 6 = 12."], [1, 0, 0])]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    class Flat:
+        def score_many(self, question, images, solutions):
+            return [SolutionScore(score=0.8, step_scores=[0.8] * len(steps)) for steps in solutions]
+
+    fit = prm_fit_by_kind(Flat(), tmp_path / "mc.jsonl", tmp_path, limit=10)
+    plus, minus = 0.2231, 1.6094
+    assert fit["reading"] == {"steps": 4, "plus_share": 0.75, "bce": round((3 * plus + minus) / 4, 4)}
+    assert fit["reading:first"] == {"steps": 2, "plus_share": 1.0, "bce": plus}
+    assert fit["reading:last"] == {"steps": 2, "plus_share": 0.5, "bce": round((plus + minus) / 2, 4)}
+    assert fit["reading:middle"] == {"steps": 0, "plus_share": None, "bce": None}
+    assert fit["sum"] == {"steps": 2, "plus_share": 0.5, "bce": round((plus + minus) / 2, 4)}
+    assert fit["answer"] == {"steps": 1, "plus_share": 1.0, "bce": plus}
+    assert prm_fit_by_kind(Flat(), tmp_path / "mc.jsonl", tmp_path, limit=1)["sum"]["steps"] == 1
 
 
 def test_mc_agreement_by_kind_worked_numbers():

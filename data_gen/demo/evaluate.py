@@ -33,6 +33,7 @@ from .settings import METRICS_FILE, TEST_START
 logger = logging.getLogger("mmalign.demo")
 
 MAX_STEPS = 12  # as the PRM recipe's max_steps_per_solution
+PRM_FIT_SOLUTIONS = 256  # training solutions the PRM's fit per kind of step is measured on
 
 
 def _step_scores(probs: list[float], how: str) -> list[float]:
@@ -69,6 +70,20 @@ def step_kind(step: str) -> str | None:
     return claim_kind(lines[0]) if lines else None
 
 
+READING_PIECES = ("first", "middle", "last")
+
+
+def reading_piece(step: str) -> str | None:
+    """Where a reading step sits in the list it is a piece of (cut by the demo's step_split): "first" (it opens the
+    list: "The tiles show a,"), "last" (it closes it: "and d." or a whole list), "middle" ("b,"); None otherwise."""
+    if step_kind(step) != "reading":
+        return None
+    text = step.strip()
+    if text.endswith(".") or " and " in f" {text}":
+        return "last"
+    return "first" if text.lower().startswith("the tile") else "middle"
+
+
 @dataclass
 class TestScores:
     """The PRM's scores of every test response: Best-of-k inputs, the step scores judged against the exact labels,
@@ -80,12 +95,19 @@ class TestScores:
     raw_probs: list[float] = field(default_factory=list)  # every step's P(+), in scoring order
     by_kind: dict[str, tuple[list[bool], list[float]]] = field(
         default_factory=lambda: {kind: ([], []) for kind in STEP_KINDS})
+    by_piece: dict[str, tuple[list[bool], list[float]]] = field(
+        default_factory=lambda: {piece: ([], []) for piece in READING_PIECES})  # reading steps by place in the list
     scored: list[dict] = field(default_factory=list)
 
     def auc_by_kind(self) -> dict[str, float | None]:
         from reward.eval_job import step_auc
 
         return {kind: None if (v := step_auc(*pair)) is None else round(v, 4) for kind, pair in self.by_kind.items()}
+
+    def auc_by_piece(self) -> dict[str, float | None]:
+        from reward.eval_job import step_auc
+
+        return {k: None if (v := step_auc(*pair)) is None else round(v, 4) for k, pair in self.by_piece.items()}
 
     def image_sensitivity(self, other: "TestScores") -> float:
         """Mean |P(+) here - P(+) there| over every step: 0.0 exactly for a PRM that does not read the pixels."""
@@ -125,6 +147,9 @@ def score_test_responses(scorer, records: list[dict], images: list[Image.Image],
                 if kind and (i == 0 or truth[i - 1]):  # judged on its own: every earlier step is right
                     out.by_kind[kind][0].append(good)
                     out.by_kind[kind][1].append(p)
+                    if piece := reading_piece(step):
+                        out.by_piece[piece][0].append(good)
+                        out.by_piece[piece][1].append(p)
         out.scored.append({"id": r["id"], "scores": [round(s.score, 5) for s in scores],
                            "correct": [bool(x["correct"]) for x in responses]})
     return out
@@ -164,6 +189,37 @@ def mc_label_quality(mc_path: Path, values: dict[str, list[int]]) -> dict[str, d
             mc += [hard_label(s.score) for s in record.steps]
             kinds += [step_kind(step) for step in steps]
     return mc_agreement_by_kind(exact, mc, kinds)
+
+
+def prm_fit_by_kind(scorer, mc_path: Path, image_root: Path, limit: int, step_scores_how: str = "raw"
+                    ) -> dict[str, dict[str, Any]]:
+    """How the PRM fits its own training labels, per kind of step (reading, sum, answer) and per reading piece:
+    steps, the share of `+` labels (the label balance it trained on) and the mean binary cross-entropy of its P(+)
+    against them, over the first `limit` solutions of a label-steps output (mc.jsonl, paths relative to its folder).
+    A kind the PRM did not learn shows a loss near the entropy of its label balance."""
+    import math
+
+    from reward.formats import hard_label, read_jsonl
+
+    rows: dict[str, list[tuple[bool, float]]] = {k: [] for k in (*STEP_KINDS, *(f"reading:{p}" for p in
+                                                                                  READING_PIECES))}
+    for record in read_jsonl(mc_path, "mc")[:limit]:
+        steps = [s.step for s in record.steps]
+        if not steps:
+            continue
+        images = [_image({"image": p}, image_root) for p in record.images]
+        probs = scorer.score_many(record.question, images, [steps])[0].step_scores
+        for step, s, p in zip(steps, record.steps, probs):
+            for key in (step_kind(step), (f"reading:{piece}" if (piece := reading_piece(step)) else None)):
+                if key in rows:
+                    rows[key].append((hard_label(s.score), p))
+    out = {}
+    for key, pairs in rows.items():
+        eps = 1e-6
+        bce = [-math.log(max(eps, p if y else 1 - p)) for y, p in pairs]
+        out[key] = {"steps": len(pairs), "plus_share": round(sum(y for y, _ in pairs) / len(pairs), 4) if pairs
+                    else None, "bce": round(sum(bce) / len(bce), 4) if bce else None}
+    return out
 
 
 def prm_warnings(exact: dict[str, Any]) -> list[str]:
@@ -297,6 +353,8 @@ def evaluate(folder: Path, inputs: EvalInputs, settings: EvalSettings) -> None:
     metrics["step_scores"] = a.step_scores
     metrics["prm_step_auc"] = real.auc_by_kind()
     metrics["prm_step_auc_image_ablated"] = ablated.auc_by_kind()
+    metrics["prm_step_auc_reading_pieces"] = real.auc_by_piece()
+    metrics["prm_step_auc_reading_pieces_image_ablated"] = ablated.auc_by_piece()
     metrics["prm_step_f1_exact"] = round(exact["macro_f1"], 4)
     metrics["prm_step_f1_exact_image_ablated"] = round(
         step_f1(ablated.exact_labels, ablated.exact_probs, a.step_threshold)["macro_f1"], 4)
@@ -326,6 +384,8 @@ def evaluate(folder: Path, inputs: EvalInputs, settings: EvalSettings) -> None:
         metrics["mc_labels_vs_exact_by_kind"] = mc_agreement_by_kind(mc_exact, mc_labels, mc_kinds)
     train_values = {r["id"]: r["values"] for r in _read_jsonl(inputs.questions / "train.jsonl")}
     metrics["train_mc_labels_vs_exact_by_kind"] = mc_label_quality(inputs.label_steps / "mc.jsonl", train_values)
+    metrics["prm_train_fit_by_kind"] = prm_fit_by_kind(scorer, inputs.label_steps / "mc.jsonl", inputs.label_steps,
+                                                       PRM_FIT_SOLUTIONS)
     label_summary = inputs.label_steps / "label_summary.json"
     if label_summary.is_file():
         metrics["label_steps"] = json.loads(label_summary.read_text())

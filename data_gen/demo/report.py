@@ -144,6 +144,24 @@ def write_report(path: Path, m: dict[str, Any], args: Any, skipped: list[str]) -
                          f"{share}, {_pct(t.get('agreement'))}, {_num(t.get('macro_f1'))} | {h.get('steps', 'n/a')}, "
                          f"{_pct(h.get('agreement'))}, {_num(h.get('macro_f1'))} |")
         lines.append("")
+    pieces, fit = m.get("prm_step_auc_reading_pieces") or {}, m.get("prm_train_fit_by_kind") or {}
+    if pieces or fit:
+        ablated = m.get("prm_step_auc_reading_pieces_image_ablated") or {}
+        lines += ["## What the PRM judges", "", "Per kind of step (and per piece of the reading list: the first value, "
+                  "the middle ones, the one that ends the list): the AUC of P(+) between right and wrong test steps "
+                  "judged on their own, with the real and the swapped images; and how the PRM fits its training "
+                  "labels (`+` share and binary cross-entropy of P(+) on the first training solutions; a loss near "
+                  "the entropy of the `+` share means the kind was not learned).", "",
+                  "| steps | AUC | AUC, swapped images | training steps | training `+` share | training BCE |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        auc, auc_ablated = m.get("prm_step_auc") or {}, m.get("prm_step_auc_image_ablated") or {}
+        rows = [(k, auc.get(k), auc_ablated.get(k), fit.get(k, {})) for k in ("reading", "sum", "answer")]
+        rows += [(f"reading: {k}", pieces.get(k), ablated.get(k), fit.get(f"reading:{k}", {}))
+                 for k in ("first", "middle", "last")]
+        for name, a, b, f in rows:
+            lines.append(f"| {name} | {_num(a)} | {_num(b)} | {f.get('steps', 'n/a')} | {_pct(f.get('plus_share'))} "
+                         f"| {_num(f.get('bce'))} |")
+        lines.append("")
     lines += ["## Stages", "", "Wall and CPU seconds of each stage (CPU: this process and its children; on 2 idle "
               "cores CPU seconds run up to twice the wall's), and the 1-minute load average at its start and end: a "
               "load above the core count means other programs shared the machine.", "",
