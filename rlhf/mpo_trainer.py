@@ -69,6 +69,12 @@ class MPOTrainer(DPOTrainer):
             and args.ld_alpha is None
             and not args.use_weighting
         )
+        if not self._mpo_path:
+            unused = [name for name in ("pack_pairs", "fused_loss") if getattr(args, name)]
+            if unused:
+                logger.warning("MPOTrainer: loss_type %s (or f_divergence_type / ld_alpha / use_weighting) runs "
+                               "TRL's own loss, without %s; set %s false to silence this", list(args.loss_type),
+                               " and ".join(unused), " and ".join(unused))
         if data_collator is None:
             packed = self._mpo_path and args.pack_pairs
             data_collator = (PackedPairCollator if packed else MPOCollator)(processing_class, args.max_length)

@@ -134,12 +134,21 @@ def test_reward_shift_rules_with_unequal_batches(tmp_path, tiny_internvl, prefer
 
 
 @pytest.mark.parametrize("loss_type", [["hinge"], ["ipo", "sft"], ["sigmoid"], ["nca_pair"]])
-def test_other_loss_types_unchanged(tmp_path, tiny_internvl, preference_rows, tiny_processor, loss_type):
-    """Loss lists beyond MPO's terms take TRL's path; those within use ours with δ = 0 when not in the list."""
+def test_other_loss_types_unchanged(tmp_path, tiny_internvl, preference_rows, tiny_processor, loss_type, caplog):
+    """Loss lists beyond MPO's terms take TRL's path, saying once that packed pairs and the fused loss are off
+    there; those within use ours with δ = 0 when not in the list."""
     from trl import DPOConfig, DPOTrainer
 
-    ours, policy, ref = build_trainers(tmp_path, tiny_internvl, preference_rows, tiny_processor,
-                                       loss_type=loss_type, loss_weights=None)
+    with caplog.at_level("WARNING", logger="rlhf.mpo_trainer"):
+        ours, policy, ref = build_trainers(tmp_path, tiny_internvl, preference_rows, tiny_processor,
+                                           loss_type=loss_type, loss_weights=None)
+    warned = [r.getMessage() for r in caplog.records if "runs TRL's own loss" in r.getMessage()]
+    if loss_type in (["hinge"], ["nca_pair"], ["ipo", "sft"]):
+        assert warned == [f"MPOTrainer: loss_type {loss_type} (or f_divergence_type / ld_alpha / use_weighting) runs "
+                          "TRL's own loss, without pack_pairs and fused_loss; set pack_pairs and fused_loss false to "
+                          "silence this"]
+    else:
+        assert warned == []
     theirs = DPOTrainer(copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
                         args=DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=loss_type, report_to=[], bf16=False,
                                        gradient_checkpointing=False),
