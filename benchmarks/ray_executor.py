@@ -75,7 +75,7 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     import ray
 
-    from data_gen.workers import run_job
+    from rlhf.jobs.runner import run_job
 
     work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
     questions = work / "train.jsonl"

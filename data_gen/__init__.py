@@ -2,7 +2,8 @@
 
 - `rollout`, `pairs`, `label_steps`: the `mmalign rollout`, `mmalign pairs` and `mmalign label-steps` jobs;
 - `backends`: the rollout backends (`hf` in process, `vllm` offline, `openai` against a server);
-- `workers`: the resumable, shardable job runner behind every job; `ray_executor`: its `executor=ray`;
+- the jobs run through `rlhf.jobs` (the resumable runner, its Ray executor, the shared `RunnerArguments`), the
+  layer below `reward`, so that `mmalign bon` runs through it too;
 - `prompts`: the prompt templates of a rollout;
 - `demo`: `mmalign demo` and `mmalign demo-sft`, the loop in miniature on the synthetic tile-sum task (its stage
   recipes are package data under `recipes/demo/`).

@@ -44,7 +44,7 @@ Modes (`LabelMode`):
   counts only the continuations actually sampled. Where a solution is not
   monotone the labels differ from faithful's; `benchmarks/label_steps.py` measures how often.
 
-Output in `output_dir` (resuming, sharding, failures.jsonl and summary.json as in `data_gen.workers`; one item =
+Output in `output_dir` (resuming, sharding, failures.jsonl and summary.json as in `rlhf.jobs.runner`; one item =
 one solution, id `{question id}#{response index}`, committed whole or not at all):
 
     mc.jsonl             raw Monte Carlo records (`reward.formats.MCRecord`): {"id", "image", "question", "answer",
@@ -77,13 +77,14 @@ from typing import Any
 
 from reward.steps import compile_step_split
 from rlhf.errors import UserError
+from rlhf.jobs.runner import Failure, JobInputError, item_seed
+from rlhf.jobs.settings import check_settings, refuse_changed
 from rlhf.processing import IMAGE_PLACEHOLDER
 
 from .backends.base import BackendUnavailable, GenerationRequest, RolloutBackend
 from .prompts import PromptTemplate, build_prompt
-from .rollout import (BackendArguments, JobArguments, Question, SamplingArguments, check_settings,
-                      load_question_images, parse_args, read_questions, refuse_changed)
-from .workers import Failure, JobInputError, item_seed
+from .rollout import (BackendArguments, JobArguments, Question, SamplingArguments, load_question_images, parse_args,
+                      read_questions)
 
 MC_NAME = "mc"
 VISUALPRM_FILE = "visualprm.jsonl"
@@ -659,7 +660,7 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
         *, backend: RolloutBackend | None = None):
     """Run the job; returns (JobSummary, LabelSummary or None when this run covered one shard only).
     `backend` replaces the one `backend_args` would build (and is left open)."""
-    from .workers import run_job
+    from rlhf.jobs.runner import run_job
 
     items = read_solutions(args.solutions, image_root=args.image_root, per_question=args.solutions_per_question,
                            prompt_template=args.prompt_template, system_prompt=args.system_prompt)
@@ -675,8 +676,9 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
         fingerprint["backend"].pop(key, None)
     check_settings(output_dir, SETTINGS_FILE, fingerprint, job.resume)
     if job.resume:  # a finished record whose solution or answer changed in the input: refused, one line
-        refuse_changed(job, MC_NAME, {i.id: {"solution": i.text, "answer": i.question.answer} for i in items},
-                       lambda r, _: {"solution": r.get("response"), "answer": r.get("answer")})
+        refuse_changed(output_dir, MC_NAME, {i.id: {"solution": i.text, "answer": i.question.answer} for i in items},
+                       lambda r, _: {"solution": r.get("response"), "answer": r.get("answer")},
+                       shard_index=job.own_shard)
     owned = backend is None  # a backend handed in stays open for the caller
     if owned and job.executor == "ray":  # each actor builds its own, where the GPUs are
         backend = None
@@ -688,9 +690,8 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
     worker = LabelStepsWorker(settings, backend)
     try:
         summary = run_job(items, worker, output_dir, name=MC_NAME, num_shards=job.num_shards,
-                          shard_index=job.shard_index, resume=job.resume, workers=job.workers,
-                          batch_size=job.batch_size, desc="label-steps", progress=job.progress,
-                          fatal_errors=(BackendUnavailable,), executor=job.executor, ray_options=job.ray_options())
+                          shard_index=job.shard_index, batch_size=job.batch_size, desc="label-steps",
+                          fatal_errors=(BackendUnavailable,), **job.run_kwargs())
     finally:
         if owned and worker.backend is not None:
             worker.backend.close()

@@ -26,7 +26,7 @@ Output in `output_dir`, the MMPR format that `mmalign mpo` reads unchanged:
     correctness.jsonl, format_negative.jsonl, dropout_ntp.jsonl
                                  {"image", "question" (the prompt the policy saw), "chosen", "rejected",
                                   "answer_gt", "chosen_meta", "rejected_meta", "id", "question_id"}
-    pair_groups.jsonl            the pairs of each question (the resumable work of `data_gen.workers`)
+    pair_groups.jsonl            the pairs of each question (the resumable work of `rlhf.jobs.runner`)
     summary.json                 questions, pass rate, pairs and pairs per question per set, dropped counts
 """
 
@@ -45,13 +45,14 @@ from typing import Any
 
 from reward.formats import STEP_BREAK, split_steps
 from rlhf.errors import UserError
+from rlhf.jobs.runner import Failure, JobInputError, item_seed
+from rlhf.jobs.settings import check_settings, content_sha, refuse_changed
 from rlhf.processing import IMAGE_PLACEHOLDER
 
 from .backends.base import BackendUnavailable, GenerationRequest, RolloutBackend
 from .prompts import build_prompt
-from .rollout import (ROLLOUTS_NAME, json_lines, BackendArguments, JobArguments, SamplingArguments, check_settings, parse_args,
-                      resolve_image, content_sha, refuse_changed)
-from .workers import Failure, JobInputError, item_seed
+from .rollout import (ROLLOUTS_NAME, json_lines, BackendArguments, JobArguments, SamplingArguments, parse_args,
+                      resolve_image)
 
 logger = logging.getLogger("mmalign.pairs")
 
@@ -505,7 +506,7 @@ def run(args: PairsArguments, backend_args: BackendArguments, sampling: DropoutS
         *, backend: RolloutBackend | None = None) -> dict[str, Any]:
     """Run the pairs job; returns the summary (also in summary.json). `backend` replaces the one `backend_args`
     would build (needed only for DropoutNTP)."""
-    from .workers import ResultStore, run_job
+    from rlhf.jobs.runner import ResultStore, run_job
 
     records = read_rollouts(args.rollouts)
     settings = {"pairs": asdict(args), "sampling": asdict(sampling),
@@ -514,8 +515,10 @@ def run(args: PairsArguments, backend_args: BackendArguments, sampling: DropoutS
         settings["backend"].pop(key, None)
     check_settings(job.output_dir, SETTINGS_FILE, settings, job.resume)
     if job.resume:
-        refuse_changed(job, GROUPS_NAME, {str(r["id"]): {"rollout record": content_sha(r)} for r in records},
-                       lambda g, _: {"rollout record": g["input_sha"]} if "input_sha" in g else None)
+        refuse_changed(job.output_dir, GROUPS_NAME,
+                       {str(r["id"]): {"rollout record": content_sha(r)} for r in records},
+                       lambda g, _: {"rollout record": g["input_sha"]} if "input_sha" in g else None,
+                       shard_index=job.own_shard)
     systems = {r.get("system_prompt") for r in records} - {None}
     if systems:  # MMPR records carry no system prompt: training must add it
         logger.warning("the rollouts used a system prompt; train on these pairs with --system_prompt %r",
@@ -526,10 +529,8 @@ def run(args: PairsArguments, backend_args: BackendArguments, sampling: DropoutS
     worker = PairsWorker(args, sampling, backend_args, backend)
     try:
         job_summary = run_job(records, worker, job.output_dir, name=GROUPS_NAME, num_shards=job.num_shards,
-                              shard_index=job.shard_index, resume=job.resume, workers=job.workers,
-                              batch_size=job.batch_size, desc="pairs", progress=job.progress,
-                              fatal_errors=(BackendUnavailable,), executor=job.executor,
-                              ray_options=job.ray_options())
+                              shard_index=job.shard_index, batch_size=job.batch_size, desc="pairs",
+                              fatal_errors=(BackendUnavailable,), **job.run_kwargs())
     finally:
         if owned and worker.backend is not None:
             worker.backend.close()
@@ -553,6 +554,6 @@ def main(argv: list[str]) -> int:
         print(f"MMPR data: {Path(job.output_dir) / 'meta.json'}")
     else:
         print("shard done: rerun with num_shards 1 once every shard has ended to write meta.json")
-    from .workers import JobSummary
+    from rlhf.jobs.runner import JobSummary
 
     return job.failure_status(JobSummary(**summary["job"]))

@@ -8,7 +8,7 @@ Input (`questions`): JSON lines, one question each,
 with image paths relative to `image_root` (default: the file's folder), or an MMPR meta.json (each distinct
 (image, question) of its pairs becomes one question with id `{data set}:{line}` and its `answer_gt`).
 
-Output in `output_dir` (see `data_gen.workers` for resuming, sharding, failures.jsonl and summary.json):
+Output in `output_dir` (see `rlhf.jobs.runner` for resuming, sharding, failures.jsonl and summary.json):
 
     rollouts.jsonl    {"id", "image" | "images" (as given), "image_root", "question", "answer", "prompt_template",
                        "system_prompt", "sampling", "responses": [{"text", "answer", "correct", "score", "matcher",
@@ -23,7 +23,8 @@ the backend's token count for the request spread evenly over its responses (back
 An unreadable image or an image path outside the root fails that question (failures.jsonl, retried on the next
 run); the job goes on. A backend that cannot be reached stops the job at start with one line.
 
-The argument classes and `check_settings` here are shared with the `pairs` and `label-steps` jobs.
+The argument classes here are shared with the `pairs` and `label-steps` jobs (`JobArguments` extends
+`rlhf.jobs.settings.RunnerArguments`, which `mmalign bon` shares too).
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rlhf.errors import UserError
+from rlhf.jobs.runner import Failure, JobInputError, item_seed
+from rlhf.jobs.settings import RunnerArguments, check_settings, refuse_changed
 
 from .backends.base import BACKENDS, BackendUnavailable, GenerationRequest, RolloutBackend, SamplingParams
 from .prompts import AUTO_SYSTEM, PromptTemplate, build_prompt, is_boxed_template, rollout_system_prompt
-from .workers import Failure, JobInputError, item_seed
 
 logger = logging.getLogger("mmalign.rollout")
 
@@ -131,39 +133,14 @@ class SamplingArguments:
 
 
 @dataclass
-class JobArguments:
-    output_dir: str = field(metadata={"help": "Where the job writes (one job per folder)."})
+class JobArguments(RunnerArguments):
+    """A data job's folder, sharding and batches; where its workers run and resuming are `RunnerArguments`
+    (`rlhf.jobs.settings`), shared with `mmalign bon`."""
+
+    output_dir: str = field(kw_only=True, metadata={"help": "Where the job writes (one job per folder)."})
     num_shards: int = field(default=1, metadata={"help": "Split the job over this many machines..."})
     shard_index: int = field(default=0, metadata={"help": "...and run this shard (merge with num_shards 1)."})
-    workers: int = field(default=1, metadata={
-        "help": "Workers, each loading its own backend: local processes, or Ray actors with --executor ray."})
-    resume: bool = field(default=True, metadata={"help": "Skip finished items (false: move old files to *.bak)."})
     batch_size: int = field(default=8, metadata={"help": "Questions handed to the backend at once."})
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
-    executor: str = field(default="local", metadata={
-        "help": "Where the workers run: local (this machine's processes) or ray (Ray actors; pip install -e "
-                "'.[ray]'). Same files, same records."})
-    ray_address: str | None = field(default=None, metadata={
-        "help": "With --executor ray: none for a local Ray started by the job, 'auto' for the running cluster, or "
-                "an address (ray://host:10001)."})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "With --executor ray: CPUs of each actor."})
-    gpus_per_worker: float = field(default=0.0, metadata={
-        "help": "With --executor ray: GPUs of each actor (a vLLM engine's tensor_parallel_size)."})
-
-    @property
-    def backend_in_driver(self) -> bool:
-        """True when the job's one backend runs in this process (a single local worker); else each worker builds
-        its own and this process only checks or needs none."""
-        return self.executor == "local" and self.workers == 1
-
-    def ray_options(self):
-        """The executor's placement settings, or None for the local executor."""
-        if self.executor != "ray":
-            return None
-        from .ray_executor import RayOptions
-
-        return RayOptions(address=self.ray_address, cpus_per_worker=self.cpus_per_worker,
-                          gpus_per_worker=self.gpus_per_worker)
     max_failure_rate: float = field(default=0.5, metadata={
         "help": "Exit with status 1 (one summary line) when more than this share of the items processed in a run "
                 "failed; every failure is in failures.jsonl either way. 1: never."})
@@ -171,13 +148,19 @@ class JobArguments:
     def __post_init__(self) -> None:
         from rlhf.args import SettingError
 
-        for name in ("num_shards", "workers", "batch_size"):
+        super().__post_init__()
+        for name in ("num_shards", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SettingError(name, "an integer >= 1", value)
         rate = self.max_failure_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             raise SettingError("max_failure_rate", "a number in [0, 1]", rate)
+
+    @property
+    def own_shard(self) -> int | None:
+        """The shard whose files this run writes, None for the merged files (num_shards 1)."""
+        return self.shard_index if self.num_shards > 1 else None
 
     def failure_status(self, summary) -> int:
         """0, or 1 with one line on stderr when more than `max_failure_rate` of the processed items failed."""
@@ -197,29 +180,6 @@ def parse_args(types: tuple, argv: list[str], prog: str) -> tuple:
     from rlhf.args import parse_job_args
 
     return parse_job_args(types, argv, prog)
-
-
-def check_settings(output_dir: str | Path, file_name: str, settings: dict[str, Any], resume: bool) -> None:
-    """Refuse (one line) to resume a job folder whose records were made with other settings; else record them."""
-    path = Path(output_dir) / file_name
-    if resume and path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as err:
-            raise JobInputError(f"{path}: the settings of the earlier run are not readable JSON ({err}); restore the "
-                                "file, or use a new output_dir, or --resume false to move the old records aside") \
-                from None
-        if not isinstance(old, dict):
-            raise JobInputError(f"{path}: expected a JSON object of settings (an earlier run's), got "
-                                f"{type(old).__name__}; use a new output_dir, or --resume false")
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if changed:
-            raise JobInputError(f"{path}: this folder holds records made with other settings ({', '.join(changed)}); "
-                                "use a new output_dir, or --resume false to move the old records aside")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def resolve_image(root: str | Path, ref: str) -> Path:
@@ -519,7 +479,7 @@ class RolloutArguments:
 def run(args: RolloutArguments, backend_args: BackendArguments, sampling: SamplingArguments, job: JobArguments,
         *, backend: RolloutBackend | None = None):
     """Run the rollout job; returns the JobSummary. `backend` replaces the one `backend_args` would build."""
-    from .workers import run_job
+    from rlhf.jobs.runner import run_job
 
     questions = read_questions(args.questions, args.image_root)
     system = rollout_system_prompt(args.system_prompt, backend_args.model)
@@ -546,9 +506,8 @@ def run(args: RolloutArguments, backend_args: BackendArguments, sampling: Sampli
     worker = RolloutWorker(settings, backend)
     try:
         return run_job(questions, worker, job.output_dir, name=ROLLOUTS_NAME, num_shards=job.num_shards,
-                       shard_index=job.shard_index, resume=job.resume, workers=job.workers,
-                       batch_size=job.batch_size, desc="rollout", progress=job.progress,
-                       fatal_errors=(BackendUnavailable,), executor=job.executor, ray_options=job.ray_options())
+                       shard_index=job.shard_index, batch_size=job.batch_size, desc="rollout",
+                       fatal_errors=(BackendUnavailable,), **job.run_kwargs())
     finally:
         if owned and worker.backend is not None:
             worker.backend.close()
@@ -570,42 +529,8 @@ def check_unchanged(questions: list[Question], job: JobArguments) -> None:
                 "image": record.get(q.image_key) if q.image_key else record.get("image", record.get("images")),
                 "meta": record.get("meta", {})}
 
-    refuse_changed(job, ROLLOUTS_NAME, {q.id: _content(q) for q in questions}, recorded)
-
-
-def content_sha(value: Any) -> str:
-    """A short fingerprint of an input item's content (its JSON, keys sorted)."""
-    import hashlib
-
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def refuse_changed(job: JobArguments, name: str, current: dict[str, Any], recorded) -> None:
-    """One JobInputError when a finished record of job `name` no longer matches its input item: `current` maps
-    ids to what the input holds now, `recorded(record, id)` gives the same from a record (None: cannot tell, e.g.
-    a record made before fingerprints). The error names the first changed id, its changed fields and the count."""
-    from .workers import ResultStore
-
-    sharded = job.num_shards > 1
-    if not (Path(job.output_dir) / f"{name}.jsonl").is_file() and not sharded:
-        return
-    changed = []
-    with ResultStore(job.output_dir, name, job.shard_index if sharded else None) as store:
-        for record in store.records():
-            item_id = str(record.get("id"))
-            if item_id not in current:
-                continue
-            old, new = recorded(record, item_id), current[item_id]
-            if old is None or old == new:
-                continue
-            fields = sorted(k for k in new if old.get(k) != new[k]) if isinstance(new, dict) else ["content"]
-            changed.append((item_id, fields))
-    if changed:
-        item_id, fields = changed[0]
-        raise JobInputError(f"{store.path}: id {item_id!r}: the input item changed since its record was made "
-                            f"({', '.join(fields)}; {len(changed)} changed item(s) in all); use a new output_dir, "
-                            "or --resume false to move the old records aside")
+    refuse_changed(job.output_dir, ROLLOUTS_NAME, {q.id: _content(q) for q in questions}, recorded,
+                   shard_index=job.own_shard)
 
 
 def pass_counts(path: str | Path) -> tuple[int, int, int]:

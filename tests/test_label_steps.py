@@ -17,7 +17,7 @@ from data_gen.label_steps import (LabelMode, LabelStepsArguments, MCPrefix, MCSe
                                   monte_carlo, read_solutions, run, search_split, step_prefix)
 from data_gen.prompts import build_prompt
 from data_gen.rollout import BackendArguments, JobArguments, SamplingArguments
-from data_gen.workers import FatalJobError, JobInputError
+from rlhf.jobs.runner import FatalJobError, JobInputError
 from rlhf.errors import UserError
 from reward.formats import from_visualprm_conversation, hard_label, join_steps, read_jsonl, split_steps
 

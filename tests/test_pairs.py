@@ -14,7 +14,7 @@ from data_gen.pairs import (DropoutSampling, PairsArguments, cap, dropout_prefix
                             strip_images, truncate_at_divergence)
 from data_gen.prompts import build_prompt
 from data_gen.rollout import BackendArguments, JobArguments
-from data_gen.workers import item_seed
+from rlhf.jobs.runner import item_seed
 from reward.verify import judge
 
 QUESTION = "<image>\nAdd the numbers shown by the tiles."
@@ -279,7 +279,7 @@ def test_dropout_ntp_with_the_tiny_policy(tmp_path, rollouts, tiny_internvl, tin
 
 
 def test_bad_rollouts_are_one_line(tmp_path):
-    from data_gen.workers import JobInputError
+    from rlhf.jobs.runner import JobInputError
 
     path = tmp_path / "rollouts.jsonl"
     path.write_text(json.dumps({"id": "x", "question": "q", "prompt_template": "boxed", "responses": ["text"]}) + "\n")
@@ -301,7 +301,7 @@ def test_missing_image_fails_the_question_only(tmp_path, rollouts):
 
 def test_rollouts_reader_names_file_and_line(tmp_path):
     from data_gen.pairs import read_rollouts
-    from data_gen.workers import JobInputError
+    from rlhf.jobs.runner import JobInputError
 
     good = {"id": "q1", "question": "q", "prompt_template": "plain", "responses": [{"text": "a"}]}
     for bad, message in (("{oops", "rollouts.jsonl:3: malformed JSON"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from data_gen.workers import Failure, JobInputError, run_job
+from rlhf.jobs.runner import Failure, JobInputError, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = REPO / "recipes" / "data" / "tiny_questions"
@@ -84,7 +84,7 @@ def test_ray_rollout_and_label_steps_equal_the_local_executor_byte_for_byte(tmp_
 def flaky(items):
     """Records, a Failure for id 4, a KeyError at id 7 (after its batch's earlier records were given), a
     FatalJobError at id 11."""
-    from data_gen.workers import FatalJobError
+    from rlhf.jobs.runner import FatalJobError
 
     for item in items:
         if item["id"] == 4:
@@ -98,7 +98,7 @@ def flaky(items):
 
 
 def test_failures_and_a_fatal_error_read_as_with_the_local_runner(tmp_path, ray_session):
-    from data_gen.workers import FatalJobError
+    from rlhf.jobs.runner import FatalJobError
 
     items = [{"id": i, "x": i} for i in range(11)]  # batches of 3: [6, 7, 8] gives 6, then 7 and 8 fail
     for executor in ("local", "ray"):
@@ -133,7 +133,7 @@ class DyingWorker:
 
 
 def test_a_killed_worker_has_its_items_run_elsewhere_every_item_exactly_once(tmp_path, ray_session):
-    from data_gen.ray_executor import MAX_BATCH_ATTEMPTS
+    from rlhf.jobs.ray_executor import MAX_BATCH_ATTEMPTS
 
     items = [{"id": i, "x": i} for i in range(14)]
     summary = run_job(items, DyingWorker(str(tmp_path / "died")), tmp_path / "out", name="doubles",
@@ -155,7 +155,7 @@ def slow_double(items):
 
 DRIVER = """
 import sys, ray
-from data_gen.workers import run_job
+from rlhf.jobs.runner import run_job
 from tests.test_ray import slow_double
 ray.init(address=sys.argv[1], log_to_driver=False)
 run_job([{"id": i, "x": i} for i in range(40)], slow_double, sys.argv[2], name="doubles", executor="ray",

@@ -16,7 +16,7 @@ from data_gen.backends.hf import HFBackend, pick_tokens, sample_seed
 from data_gen.prompts import build_prompt
 from data_gen.rollout import (BackendArguments, JobArguments, RolloutArguments, SamplingArguments, read_questions,
                               run)
-from data_gen.workers import item_seed
+from rlhf.jobs.runner import item_seed
 from rlhf.processing import chat_prompt
 
 QUESTIONS = Path(__file__).resolve().parents[1] / "recipes" / "data" / "tiny_questions"
@@ -338,7 +338,7 @@ def test_system_prompt_auto_is_internvls_for_internvl_checkpoints(tmp_path):
 def test_questions_from_mmpr_and_bad_lines(tmp_path):
     from tests.conftest import write_mmpr
 
-    from data_gen.workers import JobInputError
+    from rlhf.jobs.runner import JobInputError
 
     questions = read_questions(write_mmpr(tmp_path, n=4))
     assert [(q.id, q.answer, q.image_value) for q in questions] == [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from data_gen.workers import (
+from rlhf.jobs.runner import (
     Failure,
     FatalJobError,
     JobInputError,
@@ -82,7 +82,7 @@ def test_item_seed_is_a_fixed_63_bit_value_in_every_process():
     assert item_seed(5, 7) == item_seed(5, "7")  # ids compare as strings everywhere
     assert all(0 <= item_seed(s, f"id{s}") < 2**63 for s in range(200))
     # Another interpreter with another str hash seed gives the same value (Python's hash() would not).
-    code = "from data_gen.workers import item_seed; print(item_seed(1234, 'q-0001'))"
+    code = "from rlhf.jobs.runner import item_seed; print(item_seed(1234, 'q-0001'))"
     env = {**os.environ, "PYTHONHASHSEED": "987"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1605966503328896867"
@@ -212,7 +212,7 @@ def test_torn_last_line_is_truncated_logged_and_redone(tmp_path, caplog):
     good = b'{"id": "q000", "y": 0, "num_generated_tokens": 0}\n{"id": "q001", "y": 1, "num_generated_tokens": 1}\n'
     path = tmp_path / "squares.jsonl"
     path.write_bytes(good + b'{"id": "q002", "y": 4, "num_gen')  # a kill in the middle of the third write
-    with caplog.at_level(logging.WARNING, logger="data_gen.workers"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.jobs.runner"):
         with ResultStore(tmp_path, "squares") as store:
             assert store.done_ids() == {"q000", "q001"}
             assert [r["id"] for r in store.records()] == ["q000", "q001"]
@@ -381,7 +381,7 @@ KILLED_JOB = '''
 import sys
 import time
 
-from data_gen.workers import Failure, item_seed, run_job
+from rlhf.jobs.runner import Failure, item_seed, run_job
 
 
 def slow(batch):

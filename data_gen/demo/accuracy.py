@@ -53,7 +53,7 @@ def _generate(model, processor, items: Sequence[TaskItem], *, n: int, temperatur
               seed: int, max_new_tokens: int) -> list[list[str]]:
     from ..backends.base import GenerationRequest, SamplingParams
     from ..backends.hf import HFBackend
-    from ..workers import item_seed
+    from rlhf.jobs.runner import item_seed
 
     if batch_size < 1:
         raise UserError(f"evaluation batch_size must be >= 1, got {batch_size}")

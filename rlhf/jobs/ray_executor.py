@@ -1,5 +1,5 @@
-"""`executor=ray`: the items of a data job processed by Ray actors, committed by the driver with the local runner's
-guarantees (`data_gen.workers`).
+"""`executor=ray`: the items of a job (a data job, `mmalign bon`) processed by Ray actors, committed by the driver
+with the local runner's guarantees (`rlhf.jobs.runner`).
 
     run_job(items, worker, out, name="rollouts", executor="ray", workers=8, batch_size=8,
             ray_options=RayOptions(address="auto", gpus_per_worker=1))
@@ -10,7 +10,7 @@ local runner does, and is its only writer. It starts `workers` actors, each with
 (an `hf` model, a vLLM engine on its GPUs, or a client of an OpenAI-compatible server), built on its first batch.
 The driver keeps two batches queued on every actor (one running, one waiting, so an actor never idles between
 batches), and commits each batch's outcomes as it comes back through the same code as the local runner
-(`workers._run_batch`): one fsynced line per item, the same checks, the same failure lines, one progress bar.
+(`runner._run_batch`): one fsynced line per item, the same checks, the same failure lines, one progress bar.
 
 Why actors and not Ray Data (`map_batches` with an actor pool). Ray Data is the better tool for a stateless
 transform of a data set into files; here every guarantee hangs on knowing, for each item, whether it is committed:
@@ -37,7 +37,7 @@ Faults:
 - The driver killed, even by SIGKILL: Ray ends the actors it owns; what was committed stays and a rerun resumes.
   The batches in flight are redone, as a local run redoes the item being processed.
 
-Seeds are per item (`workers.item_seed`), so records depend neither on the number of actors nor on which actor or
+Seeds are per item (`runner.item_seed`), so records depend neither on the number of actors nor on which actor or
 batch an item ran in; the merged file is written in input order at the end, so `local` and `ray` give the same
 file. Ray is imported when a ray job starts, never at import time; without it the job says so in one line.
 
@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .workers import Failure, FatalJobError, JobInputError, _one_line, _run_batch
+from .runner import Failure, FatalJobError, JobInputError, _one_line, _run_batch
 
 logger = logging.getLogger(__name__)
 

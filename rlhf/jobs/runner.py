@@ -1,4 +1,5 @@
-"""The resumable, shardable job runner behind every data job: one input item in, one output record out.
+"""The resumable, shardable job runner behind every data job and `mmalign bon`: one input item in, one output
+record out. (Why it lives in `rlhf`, below `reward` and `data_gen`: see `rlhf.jobs`.)
 
 A job hands `run_job` its items (dicts with a unique id) and a `process_fn` that turns a batch of items into one
 outcome per item: a record dict that carries the item's id, or `Failure(id, reason)`.
@@ -36,7 +37,7 @@ context), process i taking shard i of N, then merges; process_fn must be picklab
 functools.partial of one, or an instance of a top-level class that loads its model on first call).
 
 `executor="ray"` runs the batches on `workers` Ray actors instead, the driver writing the job's files as a single
-process does: the same files, the same guarantees, records equal to a local run's (see `data_gen.ray_executor`).
+process does: the same files, the same guarantees, records equal to a local run's (see `rlhf.jobs.ray_executor`).
 
 process_fn may raise: an exception marks the items of that batch that have no outcome yet as failed, with the
 exception's one-line message, and the job goes on. `FatalJobError` (or a type listed in `fatal_errors`) stops the
@@ -64,7 +65,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from rlhf.errors import UserError
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -792,7 +793,7 @@ def run_job(items: Iterable[Any], process_fn: Callable[[list[Any]], Iterable[Map
     with `merge` once all have ended); workers > 1 splits this run over local processes and merges by itself.
     resume=False moves the old files aside to *.bak first (refused if a .bak exists, and with num_shards > 1).
     `fatal_errors` adds exception types that stop the job like FatalJobError. executor="ray" runs the batches on
-    `workers` Ray actors placed by `ray_options` (a `data_gen.ray_executor.RayOptions`) with the same files and
+    `workers` Ray actors placed by `ray_options` (a `rlhf.jobs.ray_executor.RayOptions`) with the same files and
     guarantees (see that module). Writes summary.json (summary.shard{i}.json for one shard) and returns the
     JobSummary."""
     _check_name(name)
