@@ -9,10 +9,31 @@ Response objects are the rollout records of the data-generation jobs; their `ans
 are used when present, else the answer is extracted with `reward.verify.extract_answer` and judged against the
 record's `answer` (or `answer_gt`) with `reward.verify.is_correct`. A question without either is scored and
 selected but left out of the accuracy metrics. Relative image paths resolve against `image_root` (default: the
-data file's folder).
+data file's folder). `id` is a non-empty string or an integer, unique over all files; a record without one is
+keyed `FILE:LINE` (the data file as given) in scores.jsonl and keeps its line number as `id` in selected.jsonl.
 
-Output in `output_dir`: `selected.jsonl` (per question: the selected response and every response's step and
-solution scores), `bon_metrics.json`, `bon_table.md` and `bon_curve.png` (see `reward.bon` for the definitions).
+The job runs in two phases.
+
+1. Scoring, through the resumable runner of the data jobs (`rlhf.jobs.runner`), one item per question: the PRM
+   scores every response of a question (`PRMScorer.score_many`), one line of `scores.jsonl` per question
+   (`{"id", "scores": [solution score per response], "step_scores": [[step scores] per response], "scoring":
+   {the scorer's work for it}, "input_sha"}`), committed with fsync as it comes. A rerun scores only the questions
+   without a line (a killed run, even by SIGKILL, loses no finished question); a question that fails (the scorer
+   raised for it) goes to failures.jsonl and is retried on the next run. `--executor ray --workers N` scores on N
+   Ray actors (`--cpus_per_worker`, `--gpus_per_worker`, `--ray_address`), `--workers N` alone on N local
+   processes: each loads its own PRM on its first question (`ScoreWorker`), and the files are the same as one
+   local process writes (`rlhf.jobs.ray_executor`). These are the data jobs' `RunnerArguments`
+   (`rlhf.jobs.settings`), with their meaning and checks, `--resume false` included (old files moved to *.bak).
+   On a cluster the data files and images must be at the same paths on every node. A resumed run refuses (one
+   line) a folder scored with other PRM settings (`bon_settings.json`: model, aggregation, method, max_steps,
+   step_split, system_prompt, max_patches, dtype, trust_remote_code, seed) or a question whose text, images or
+   responses changed since its line was written.
+2. Best-of-N, from scores.jsonl and the input: `selected.jsonl` (per question: the selected response and every
+   response's step and solution scores), `bon_metrics.json` (its `scoring` adds up the questions' `scoring`),
+   `bon_table.md` and `bon_curve.png` (see `reward.bon` for the definitions): the numbers a single pass of the PRM
+   over the questions gives. They are written only when every question has its scores; otherwise the job exits
+   with status 1 and one line naming failures.jsonl, and no stale outputs of an earlier run are left behind.
+
 A bad record stops the job with one line `file:line: field ...: expected ...`; with `--skip_invalid true` bad
 records go to `rejects.jsonl` with their error and the job goes on.
 """
@@ -23,7 +44,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rlhf.errors import UserError
 
@@ -33,6 +54,13 @@ from .steps import compile_step_split
 
 logger = logging.getLogger("mmalign.bon")
 REJECTS_FILE = "rejects.jsonl"
+SCORES_NAME = "scores"  # scores.jsonl: the scoring phase's resumable work (rlhf.jobs.runner)
+SETTINGS_FILE = "bon_settings.json"
+# the ScorerArguments that change what the PRM gives (not how fast: batch_size, device); a resume must keep them
+SCORE_SETTINGS = ("model_name_or_path", "aggregation", "method", "max_steps", "step_split", "system_prompt",
+                  "max_patches", "dtype", "trust_remote_code", "seed")
+OUTPUT_FILES = ("selected.jsonl", "bon_metrics.json", "bon_table.md", "bon_curve.png")  # made from scores.jsonl
+INPUT_FIELDS = "question, images or responses"  # what refuse_changed names when a scored question changed
 GROUND_TRUTH_KEYS = ("answer", "answer_gt")
 TEXT_KEYS = ("text", "response")
 
@@ -87,6 +115,11 @@ class BoNRecord:
     texts: list[str]
     answers: list[str | None]
     correct: list[bool | None]
+    key: str | int  # the record's id, or FILE:LINE without one: its line in scores.jsonl
+
+    def scoring_item(self) -> dict[str, Any]:
+        """What the PRM sees of the question: the runner's item."""
+        return {"id": self.key, "question": self.question, "images": self.images, "texts": self.texts}
 
 
 def _str(value: Any, name: str, *, blank_ok: bool = False) -> str:
@@ -153,9 +186,20 @@ def _response(entry: Any, i: int, ground_truth: str | None) -> tuple[str, str | 
 _MISSING = object()
 
 
+def _key(obj: dict, line: int, path: str) -> str | int:
+    value = obj.get("id")
+    if value is None:
+        return f"{path}:{line}"
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise FormatError("id", f"a non-empty string or an integer (it keys the question in {SCORES_NAME}.jsonl), "
+                                f"got {value!r:.60}")
+    return value
+
+
 def parse_record(obj: Any, line: int, path: str, root: Path) -> BoNRecord:
     if not isinstance(obj, dict):
         raise FormatError(None, f"a JSON object per line, got {type(obj).__name__}")
+    row_key = _key(obj, line, path)
     question = _str(obj.get("question"), "question")
     images = _image_list(obj, root)
     placeholders = question.count("<image>")
@@ -169,7 +213,7 @@ def parse_record(obj: Any, line: int, path: str, root: Path) -> BoNRecord:
         raise FormatError("responses", "a non-empty list of responses")
     parsed = [_response(r, i, ground_truth) for i, r in enumerate(responses)]
     texts, answers, correct = (list(x) for x in zip(*parsed))
-    return BoNRecord(line, path, obj.get("id", line), question, images, ground_truth, texts, answers, correct)
+    return BoNRecord(line, path, obj.get("id", line), question, images, ground_truth, texts, answers, correct, row_key)
 
 
 def read_records(paths: list[str], image_root: str | None, *, skip_invalid: bool, rejects: Path,
@@ -236,33 +280,94 @@ def parse(argv: list[str], cls=ScorerArguments, prog: str = "mmalign bon"):
     return args
 
 
-def main(argv: list[str]) -> int:
-    from tqdm.auto import tqdm
+class ScoreWorker:
+    """process_fn of the scoring phase: questions (`BoNRecord.scoring_item`) in, one scores.jsonl row per question
+    out. Picklable: the PRM is loaded on the first call in the process that runs it (this one, a local worker
+    process or a Ray actor), or handed in. A PRM that cannot load stops the job (FatalJobError, one line): no later
+    question could be scored either."""
 
-    from .bon import QuestionResponses, bon_metrics, markdown_table, plot_curve
+    def __init__(self, args: ScorerArguments, scorer=None):
+        self.args = args
+        self.scorer = scorer
 
-    args = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    def __getstate__(self) -> dict:
+        return {"args": self.args, "scorer": None}
+
+    def __call__(self, items: list[dict]) -> Iterator[dict]:
+        from rlhf.jobs.runner import FatalJobError
+
+        if self.scorer is None:
+            try:
+                self.scorer = load_scorer(self.args)
+            except UserError as err:
+                raise FatalJobError(str(err)) from err
+            except Exception as err:
+                raise FatalJobError(f"{self.args.model_name_or_path}: cannot load the PRM "
+                                    f"({type(err).__name__}: {err})") from err
+        for item in items:
+            self.scorer.stats.reset()  # the work for this question alone, whoever scored the ones before
+            scores = self.scorer.score_many(item["question"], item["images"], item["texts"])
+            yield {"id": item["id"], "scores": [s.score for s in scores],
+                   "step_scores": [s.step_scores for s in scores], "scoring": asdict(self.scorer.stats),
+                   "input_sha": _input_sha(item)}
+
+
+def _input_sha(item: dict) -> str:
+    from rlhf.jobs.settings import content_sha
+
+    return content_sha({k: v for k, v in item.items() if k != "id"})
+
+
+def score_questions(records: list[BoNRecord], args: ScorerArguments, runner, *, scorer=None) -> dict[str, dict]:
+    """Phase 1: every question's scores.jsonl row by id (as a string), scoring those without one through the
+    runner (`runner`: RunnerArguments); questions that failed are missing (their reasons in failures.jsonl).
+    `scorer` replaces the one each worker would load (a single local worker only)."""
+    from rlhf.jobs.runner import ResultStore, run_job
+    from rlhf.jobs.settings import check_settings, refuse_changed
+    from rlhf.models import check_model_path
+
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records = read_records(args.data, args.image_root, skip_invalid=args.skip_invalid, rejects=out / REJECTS_FILE)
-    scorer = load_scorer(args)
+    items = [r.scoring_item() for r in records]
+    check_settings(out, SETTINGS_FILE, {k: getattr(args, k) for k in SCORE_SETTINGS}, runner.resume)
+    if runner.resume:
+        refuse_changed(out, SCORES_NAME, {str(i["id"]): {INPUT_FIELDS: _input_sha(i)} for i in items},
+                       lambda row, _: {INPUT_FIELDS: row.get("input_sha")})
+    if scorer is None:
+        check_model_path(args.model_name_or_path)  # a model folder mistake: one line before any work
+    for name in OUTPUT_FILES:  # an earlier run's: made anew from scores.jsonl after this, or not at all
+        (out / name).unlink(missing_ok=True)
+    run_job(items, ScoreWorker(args, scorer), out, name=SCORES_NAME, batch_size=1, desc="bon",
+            **runner.run_kwargs())
+    with ResultStore(out, SCORES_NAME) as store:
+        return {str(row["id"]): row for row in store.records()}
+
+
+def write_outputs(records: list[BoNRecord], scores: dict[str, dict], args: ScorerArguments) -> dict[str, Any]:
+    """Phase 2: selected.jsonl, bon_metrics.json, bon_table.md and bon_curve.png from every question's scores;
+    returns the bon_metrics.json summary."""
+    from .bon import QuestionResponses, bon_metrics, markdown_table, plot_curve
+    from .scorer import ScoringStats
+
+    out = Path(args.output_dir)
     evaluated = []
+    work = ScoringStats()
     with (out / "selected.jsonl").open("w", encoding="utf-8") as f:
-        for r in tqdm(records, desc="bon", unit="question"):
-            scores = scorer.score_many(r.question, r.images, r.texts)
-            solution = [s.score for s in scores]
+        for r in records:
+            scored = scores[str(r.key)]
+            solution, step_scores = scored["scores"], scored["step_scores"]
+            for name, value in scored["scoring"].items():
+                setattr(work, name, getattr(work, name) + value)
             best = max(range(len(solution)), key=lambda i: (solution[i], -i))
             row = {"id": r.id, "question": r.question, "images": r.images, "answer": r.ground_truth,
                    "selected": best, "response": r.texts[best], "selected_answer": r.answers[best],
                    "selected_correct": r.correct[best], "score": solution[best],
-                   "step_scores": scores[best].step_scores, "scores": solution,
-                   "all_step_scores": [s.step_scores for s in scores], "answers": r.answers, "correct": r.correct}
+                   "step_scores": step_scores[best], "scores": solution,
+                   "all_step_scores": step_scores, "answers": r.answers, "correct": r.correct}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             if all(c is not None for c in r.correct):
                 evaluated.append(QuestionResponses(solution, r.answers, r.correct))
     summary: dict[str, Any] = {"n_questions": len(records), "n_evaluated": len(evaluated),
-                               "aggregation": args.aggregation, "scoring": asdict(scorer.stats)}
+                               "aggregation": args.aggregation, "scoring": asdict(work)}
     if evaluated:
         metrics = bon_metrics(evaluated)
         n = [q.n for q in evaluated]
@@ -276,5 +381,27 @@ def main(argv: list[str]) -> int:
     else:
         logger.warning("no question has a ground truth or per-response correctness: selection only, no metrics")
     (out / "bon_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    import sys
+
+    from rlhf.args import parse_job_args
+    from rlhf.jobs.settings import RunnerArguments
+
+    args, runner = parse_job_args((ScorerArguments, RunnerArguments), argv, "mmalign bon")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_records(args.data, args.image_root, skip_invalid=args.skip_invalid, rejects=out / REJECTS_FILE)
+    scores = score_questions(records, args, runner)
+    missing = [r for r in records if str(r.key) not in scores]
+    if missing:
+        print(f"{SCORES_NAME}: {len(missing)} of {len(records)} questions have no scores (first: id "
+              f"{str(missing[0].key)!r}); see {out / 'failures.jsonl'} for the reasons; a rerun retries them, then "
+              "writes the Best-of-N outputs", file=sys.stderr)
+        return 1
+    write_outputs(records, scores, args)
     logger.info("wrote %s", out)
     return 0

@@ -218,3 +218,107 @@ def test_bon_job_bad_records_one_line_or_skipped(tmp_path, capsys):
         (4, "field 'responses'"), (5, "field 'responses[1]'"), (6, "field 'image'"),
         (7, "field 'responses[1].correct'"), (8, "expected one JSON object per line (Expecting value at column 1)"),
     ]
+
+
+# -- scoring through the runner: the old loop's numbers, resuming ---------------------------------------------------
+
+
+def _with_unkeyed(root: Path) -> tuple[Path, Path]:
+    """The three questions, and a second file whose one record has no id (keyed FILE:LINE in scores.jsonl)."""
+    data = _write_questions(root)
+    unkeyed = root / "more.jsonl"
+    unkeyed.write_text(json.dumps({"question": "What is 4 + 4?", "answer": "8",
+                                   "responses": [_solution([4, 4]), _solution([4, 4], 0)]}) + "\n")
+    return data, unkeyed
+
+
+def _old_loop(data: list[Path]) -> tuple[list[dict], dict]:
+    """What `mmalign bon` computed before it scored through the runner: selected.jsonl rows and bon_metrics.json
+    from one scorer called directly on every question in turn (its settings: _config's)."""
+    from dataclasses import asdict
+
+    from reward.bon_job import ScorerArguments, load_scorer, read_records
+
+    args = ScorerArguments(model_name_or_path="tiny-internvl", data=[str(d) for d in data], output_dir="x",
+                           max_patches=1, device="cpu", batch_size=3)
+    scorer = load_scorer(args)
+    rows, evaluated = [], []
+    for r in read_records(args.data, None, skip_invalid=False, rejects=Path("unused")):
+        scores = scorer.score_many(r.question, r.images, r.texts)
+        solution = [s.score for s in scores]
+        best = max(range(len(solution)), key=lambda i: (solution[i], -i))
+        rows.append({"id": r.id, "question": r.question, "images": r.images, "answer": r.ground_truth,
+                     "selected": best, "response": r.texts[best], "selected_answer": r.answers[best],
+                     "selected_correct": r.correct[best], "score": solution[best],
+                     "step_scores": scores[best].step_scores, "scores": solution,
+                     "all_step_scores": [s.step_scores for s in scores], "answers": r.answers, "correct": r.correct})
+        if all(c is not None for c in r.correct):
+            evaluated.append(QuestionResponses(solution, r.answers, r.correct))
+    metrics = bon_metrics(evaluated)
+    n = [q.n for q in evaluated]
+    summary = {"n_questions": len(rows), "n_evaluated": len(evaluated), "aggregation": "mean",
+               "scoring": asdict(scorer.stats), "n_responses_min": min(n), "n_responses_max": max(n),
+               "metrics": {m: {str(k): v for k, v in ks.items()} for m, ks in metrics.items()}}
+    return json.loads(json.dumps(rows)), summary
+
+
+def _outputs(out: Path) -> tuple[list[dict], dict]:
+    rows = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    return rows, json.loads((out / "bon_metrics.json").read_text())
+
+
+def _bon_argv(root: Path, data: Path, unkeyed: Path, *extra: str) -> list[str]:
+    return ["bon", "--config", str(_config(root, data)), "--data", str(data), str(unkeyed), "--progress", "false",
+            *extra]
+
+
+def test_bon_through_the_runner_gives_the_numbers_of_the_scorer_called_directly(tmp_path):
+    from rlhf.cli import main
+
+    data, unkeyed = _with_unkeyed(tmp_path)
+    assert main(_bon_argv(tmp_path, data, unkeyed)) == 0
+    out = tmp_path / "out"
+    rows, summary = _outputs(out)
+    want_rows, want_summary = _old_loop([data, unkeyed])
+    assert rows == want_rows  # exactly: the same scorer on the same inputs, the floats through JSON unchanged
+    assert summary == want_summary
+    assert [r["id"] for r in rows] == ["q1", "q2", "q3", 1]  # a record without id keeps its line number here
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in scores] == ["q1", "q2", "q3", f"{unkeyed}:1"]  # ...and is FILE:LINE in scores.jsonl
+    assert [s["scores"] for s in scores] == [r["scores"] for r in rows]
+    assert [s["step_scores"] for s in scores] == [r["all_step_scores"] for r in rows]
+    assert json.loads((out / "summary.json").read_text())["succeeded"] == 4
+    assert json.loads((out / "bon_settings.json").read_text())["model_name_or_path"] == "tiny-internvl"
+
+
+def test_bon_resumes_a_stopped_run_scoring_each_question_once(tmp_path, monkeypatch):
+    from reward import bon_job
+    from rlhf.cli import main
+    from rlhf.jobs.runner import FatalJobError
+
+    data, unkeyed = _with_unkeyed(tmp_path)
+    out = tmp_path / "out"
+    scored = []
+    original = bon_job.ScoreWorker.__call__
+
+    def stop_after_two(self, items):  # one question per call
+        if len(scored) == 2:
+            raise FatalJobError("stopped by the test")
+        scored.extend(item["id"] for item in items)
+        return original(self, items)
+
+    monkeypatch.setattr(bon_job.ScoreWorker, "__call__", stop_after_two)
+    assert main(_bon_argv(tmp_path, data, unkeyed)) == 2
+    assert scored == ["q1", "q2"]
+    assert [json.loads(line)["id"] for line in (out / "scores.jsonl").read_text().splitlines()] == ["q1", "q2"]
+    assert not (out / "selected.jsonl").exists() and not (out / "bon_metrics.json").exists()
+    with (out / "scores.jsonl").open("a") as f:
+        f.write('{"id": "q3", "scores": [0.')  # and a line torn by a kill mid-write: not a record
+    monkeypatch.undo()
+
+    assert main(_bon_argv(tmp_path, data, unkeyed)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["skipped_done"], summary["processed"], summary["failed"]) == (2, 2, 0)
+    ids = [json.loads(line)["id"] for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert ids == ["q1", "q2", "q3", f"{unkeyed}:1"]  # every question once, in input order
+    assert _outputs(out) == _old_loop([data, unkeyed])  # the numbers of one uninterrupted pass

@@ -1,5 +1,6 @@
-"""executor=ray: the same records as the local executor, a killed worker's items run elsewhere exactly once, a
-SIGKILLed driver resumes. One local Ray for the module (2 CPUs, no dashboard, a small object store), two actors."""
+"""executor=ray: the same records as the local executor (rollout, label-steps, bon), a killed worker's items run
+elsewhere exactly once, a SIGKILLed driver resumes. One local Ray for the module (2 CPUs, no dashboard, a small
+object store), two actors."""
 
 from __future__ import annotations
 
@@ -77,6 +78,24 @@ def test_ray_rollout_and_label_steps_equal_the_local_executor_byte_for_byte(tmp_
     assert (ray / "rollout/rollouts.jsonl").read_bytes() == (local / "rollout/rollouts.jsonl").read_bytes()
     records = [json.loads(line) for line in (local / "rollout/rollouts.jsonl").read_text().splitlines()]
     assert sum(r["num_generated_tokens"] for r in records) > 0
+
+
+def test_ray_bon_equals_the_local_executor_byte_for_byte(tmp_path, ray_session, one_torch_thread):
+    """`mmalign bon --executor ray --workers 2` on the tiny PRM: each actor loads its own scorer; scores.jsonl and
+    the Best-of-N outputs are the local run's."""
+    from rlhf.cli import main
+    from tests.test_bon import _config, _write_questions
+
+    data = _write_questions(tmp_path)  # 3 questions, 1 to 4 responses each
+    for executor, workers in (("local", "1"), ("ray", "2")):
+        out = tmp_path / executor
+        assert main(["bon", "--config", str(_config(tmp_path, data)), "--output_dir", str(out), "--progress", "false",
+                     "--executor", executor, "--workers", workers]) == 0
+        assert json.loads((out / "summary.json").read_text())["succeeded"] == 3
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    assert lines_by_id(ray / "scores.jsonl") == lines_by_id(local / "scores.jsonl")
+    for name in ("scores.jsonl", "selected.jsonl", "bon_metrics.json", "bon_table.md"):  # even in input order
+        assert (ray / name).read_bytes() == (local / name).read_bytes(), name
 
 
 # -- failures and fatal errors read as with the local runner --------------------------------------------------------

@@ -517,6 +517,36 @@ def bon_duplicate_ids(tmp):
 
 
 @case
+def bon_id_not_scalar(tmp):
+    data = bon_input(tmp, id=1.5)
+    return bon_argv(tmp, data), 2, [f"{data}:1", "'id'", "a non-empty string or an integer", "1.5"]
+
+
+@case
+def bon_resume_other_settings(tmp):
+    data = bon_input(tmp)
+    assert cli.main(bon_argv(tmp, data)) == 0
+    return bon_argv(tmp, data, "--aggregation", "min"), 2, ["bon_settings.json", "other settings (aggregation)",
+                                                             "--resume false"]
+
+
+@case
+def bon_resume_changed_input(tmp):
+    data = bon_input(tmp)
+    assert cli.main(bon_argv(tmp, data)) == 0
+    jsonl(data, bon_question(responses=["1 + 2 = 3.\n\nAnswer: \\boxed{3}"]))
+    return bon_argv(tmp, data), 2, ["scores.jsonl", "id 'q1'", "input item changed", "responses"]
+
+
+@case
+def bon_question_fails(tmp):
+    png(tmp / "data" / "a.png")
+    data = jsonl(tmp / "data" / "questions.jsonl", bon_question(),
+                 bon_question(id="q2", responses=["1 + 2 = <IMG_CONTEXT>."]))
+    return bon_argv(tmp, data), 1, ["scores: 1 of 2 questions have no scores", "id 'q2'", "failures.jsonl"]
+
+
+@case
 def prm_duplicate_ids(tmp):
     data = prm_input(tmp, prm_record(), prm_record())
     return prm_argv(tmp, data), 2, [f"{data}:2", "'id'", "unique id", "first at line 1"]
