@@ -171,6 +171,7 @@ class MCResult:
     num_generated_tokens: int = 0
 
     searched: list[int] | None = None  # search mode: the steps probed, in order
+    applied: dict | None = None  # server backends: the sampling settings the server was sent and accepted
 
     @property
     def scores(self) -> list[float]:
@@ -303,6 +304,7 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
             whole = judge(t.prefix(len(t.steps) - 1), t.answer, threshold=s.answer_threshold).correct
             searches[t.id] = _Search(len(t.steps), whole, split)
     tokens = dict.fromkeys(cells, 0)
+    applied: dict[str, dict] = {}  # per solution: what its first continuation's server applied
     failed: dict[str, str] = {}
     params = s.sampling.params(1)
     while True:
@@ -339,6 +341,8 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
             cell.sampled += 1
             cell.correct += judge(prefix + result.texts[0], task.answer, threshold=s.answer_threshold).correct
             tokens[task.id] += result.num_generated_tokens or 0
+            if result.applied is not None:
+                applied.setdefault(task.id, result.applied)
             asked.add((task.id, i))
         for task_id, i in asked:
             label = cells[task_id][i].label = _decide(cells[task_id][i], s)
@@ -354,7 +358,7 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
         # steps never sampled are `-` after an early stop; search labels the steps before its first `-` one `+`
         labels = [bool(c.label) for c in row] if search is None else [i < search.lo for i in range(len(row))]
         out.append(MCResult([c.correct for c in row], [c.sampled for c in row], labels, tokens[task.id],
-                            None if search is None else list(search.order)))
+                            None if search is None else list(search.order), applied.get(task.id)))
     return out
 
 
@@ -503,6 +507,8 @@ class LabelStepsWorker:
                 "prompt_template": item.prompt_template}
         if result.searched is not None:
             meta["searched_steps"] = result.searched
+        if result.applied is not None:  # a server backend: the sampling fields it was sent after adapting to it
+            meta["sampling_applied"] = result.applied
         if self.settings.step_split:
             meta["step_split"] = self.settings.step_split
         question = with_placeholders(item.question.question, len(item.record_images))

@@ -284,7 +284,8 @@ class PairsWorker:
                 if not result.ok:
                     outcomes[group["id"]] = Failure(group["id"], f"DropoutNTP continuation: {result.error}")
                 else:
-                    self.add_dropout_pair(group, c, chosen, prefix, kept, result.texts[0], result.num_generated_tokens)
+                    self.add_dropout_pair(group, c, chosen, prefix, kept, result.texts[0], result.num_generated_tokens,
+                                          result.applied)
         return [outcomes[str(r["id"])] for r in records]
 
     def group(self, record: dict) -> dict:
@@ -368,12 +369,12 @@ class PairsWorker:
         return out
 
     def add_dropout_pair(self, group: dict, c: int, chosen: str, prefix: str, kept: int, continuation: str,
-                         tokens: int | None) -> None:
+                         tokens: int | None, applied: dict | None = None) -> None:
         group["num_generated_tokens"] += tokens or 0
         rejected, cut = self.rejected_text(chosen, prefix + continuation)
         pair = {"chosen": chosen, "rejected": rejected, "chosen_meta": {"response": c},
                 "rejected_meta": {"prefix_words": kept, "prefix_chars": len(prefix), "continuation_tokens": tokens,
-                                  **cut}}
+                                  **cut, **({"sampling_applied": applied} if applied is not None else {})}}
         if self.distinct(group, pair):  # the same ending without the image makes no pair
             group[PairSet.DROPOUT_NTP].append(pair)
 

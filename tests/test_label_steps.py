@@ -264,6 +264,25 @@ def job_args(solutions, out, **kw):
                                                                               progress=False)
 
 
+def test_records_carry_the_sampling_a_server_applied(tmp_path):
+    """A server backend's results say which sampling fields it was sent (after adapting to the server); each MC
+    record keeps its first continuation's, as rollout records keep theirs."""
+    applied = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 96, "dropped": ["top_k"]}
+
+    class Server(FakeBackend):
+        def generate(self, requests):
+            results = super().generate(requests)
+            for r in results:
+                r.applied = dict(applied)
+            return results
+
+    path = write_input(tmp_path, rollout_rows())
+    run(*job_args(path, tmp_path / "server", mode="adaptive"), backend=Server(by_step_probability([0.7, 0.4])))
+    assert [r.meta["sampling_applied"] for r in read_jsonl(tmp_path / "server" / "mc.jsonl", "mc")] == [applied] * 6
+    run(*job_args(path, tmp_path / "local", mode="adaptive"), backend=FakeBackend(by_step_probability([0.7, 0.4])))
+    assert all("sampling_applied" not in r.meta for r in read_jsonl(tmp_path / "local" / "mc.jsonl", "mc"))
+
+
 def test_job_outputs_parse_back_and_match(tmp_path):
     path = write_input(tmp_path, rollout_rows())
     backend = FakeBackend(by_step_probability([0.7, 0.4, 0.1, 0.0]))

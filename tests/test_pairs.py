@@ -177,6 +177,27 @@ def test_cap_is_a_seeded_choice_in_order():
 
 # -- the job -------------------------------------------------------------------------------------------------------
 
+class ServerContinuations(Continuations):
+    """As a server backend reports: each result says which sampling fields the server was sent."""
+
+    APPLIED = {"temperature": 0.8, "max_tokens": 16, "dropped": ["top_k"], "requests": 1, "n_per_request": 1}
+
+    def generate(self, requests):
+        results = super().generate(requests)
+        for r in results:
+            r.applied = dict(self.APPLIED)
+        return results
+
+
+def test_dropout_pairs_record_the_sampling_a_server_applied(tmp_path, rollouts):
+    pairs_job(rollouts, tmp_path / "server", ServerContinuations())
+    (pair,) = read_jsonl(tmp_path / "server" / "dropout_ntp.jsonl")
+    assert pair["rejected_meta"]["sampling_applied"] == ServerContinuations.APPLIED
+    pairs_job(rollouts, tmp_path / "local", Continuations())  # in-process backends report nothing
+    (pair,) = read_jsonl(tmp_path / "local" / "dropout_ntp.jsonl")
+    assert "sampling_applied" not in pair["rejected_meta"]
+
+
 def test_pairs_job_worked_example(tmp_path, rollouts):
     from rlhf.data import read_mmpr, validate_records
 
