@@ -50,7 +50,8 @@ def test_reading_piece_names_the_place_in_the_list():
 
 def test_prm_fit_by_kind_worked_numbers(tmp_path):
     """Two labelled solutions, a scorer that says P(+) = 0.8 for every step: BCE is -ln 0.8 = 0.2231 on `+` labels
-    and -ln 0.2 = 1.6094 on `-` labels. Reading pieces: first (+, +), last (+, -); sums: (+, -); answer: (+)."""
+    and -ln 0.2 = 1.6094 on `-` labels. Steps after a `-` label do not count (the second solution's sum). Reading
+    pieces: first (+, +), last (+, -); sums: (+); answer: (+)."""
     from PIL import Image
 
     from reward.scorer import SolutionScore
@@ -73,7 +74,7 @@ def test_prm_fit_by_kind_worked_numbers(tmp_path):
     assert fit["reading:first"] == {"steps": 2, "plus_share": 1.0, "bce": plus}
     assert fit["reading:last"] == {"steps": 2, "plus_share": 0.5, "bce": round((plus + minus) / 2, 4)}
     assert fit["reading:middle"] == {"steps": 0, "plus_share": None, "bce": None}
-    assert fit["sum"] == {"steps": 2, "plus_share": 0.5, "bce": round((plus + minus) / 2, 4)}
+    assert fit["sum"] == {"steps": 1, "plus_share": 1.0, "bce": plus}
     assert fit["answer"] == {"steps": 1, "plus_share": 1.0, "bce": plus}
     assert prm_fit_by_kind(Flat(), tmp_path / "mc.jsonl", tmp_path, limit=1)["sum"]["steps"] == 1
 

@@ -196,7 +196,8 @@ def prm_fit_by_kind(scorer, mc_path: Path, image_root: Path, limit: int, step_sc
     """How the PRM fits its own training labels, per kind of step (reading, sum, answer) and per reading piece:
     steps, the share of `+` labels (the label balance it trained on) and the mean binary cross-entropy of its P(+)
     against them, over the first `limit` solutions of a label-steps output (mc.jsonl, paths relative to its folder).
-    A kind the PRM did not learn shows a loss near the entropy of its label balance."""
+    Only steps whose earlier labels are all `+` count: the scorer judges every step after `+` judgements, as the
+    PRM trained on exactly those steps. A kind the PRM did not learn shows a loss near the entropy of its balance."""
     import math
 
     from reward.formats import hard_label, read_jsonl
@@ -209,10 +210,13 @@ def prm_fit_by_kind(scorer, mc_path: Path, image_root: Path, limit: int, step_sc
             continue
         images = [_image({"image": p}, image_root) for p in record.images]
         probs = scorer.score_many(record.question, images, [steps])[0].step_scores
-        for step, s, p in zip(steps, record.steps, probs):
+        labels = [hard_label(s.score) for s in record.steps]
+        for i, (step, label, p) in enumerate(zip(steps, labels, probs)):
+            if not all(labels[:i]):  # scored after `+` steps (the scorer's context): judged on its own only
+                break
             for key in (step_kind(step), (f"reading:{piece}" if (piece := reading_piece(step)) else None)):
                 if key in rows:
-                    rows[key].append((hard_label(s.score), p))
+                    rows[key].append((label, p))
     out = {}
     for key, pairs in rows.items():
         eps = 1e-6
