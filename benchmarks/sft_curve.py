@@ -65,7 +65,6 @@ class Curve(TrainerCallback):
         if "loss" not in (logs or {}) or state.global_step % self.every:
             return control
         from data_gen.demo.accuracy import greedy_accuracy
-        from reward.verify import is_correct
 
         acc, responses = greedy_accuracy(model, self.processor, self.items)
         verdicts = [judge(it.values, r) for it, r in zip(self.items, responses)]
@@ -73,7 +72,6 @@ class Curve(TrainerCallback):
                **{k: round(sum(v[k] for v in verdicts) / len(verdicts), 3) for k in ("first", "values", "count")},
                "loss": round(logs["loss"], 4), "reading_loss": logs.get("reading_loss"),
                "minutes": round((time.perf_counter() - self._start) / 60, 1)}
-        assert acc == sum(is_correct(r, it.answer) for r, it in zip(responses, self.items)) / len(self.items)
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         return control

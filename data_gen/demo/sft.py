@@ -159,11 +159,9 @@ def _sft_trainer_class():
             cells = inputs.pop("cell_labels", None)
             if not self.reading_loss_weight or cells is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, outputs = super().compute_loss(model, {**inputs, "output_hidden_states": True}, True,
-                                                 num_items_in_batch)
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             image = inputs["input_ids"] == self.processing_class.image_token_id
-            hidden = outputs.hidden_states[-1][image]  # post-norm: lm_head(hidden) are the model's logits
-            logits = self.accelerator.unwrap_model(model).lm_head(hidden).float()
+            logits = outputs.logits[image].float()  # the model's own head at the image tokens, from the same pass
             targets = torch.cat([cells[r, : int(n)] for r, n in enumerate(image.sum(1))])  # rows' image tokens
             reading = torch.nn.functional.cross_entropy(logits, targets.to(logits.device), ignore_index=IGNORE_INDEX)
             self._reading_losses.append(float(reading.detach()))
