@@ -16,6 +16,7 @@ from data_gen.demo import pipeline
 from data_gen.demo.evaluate import (derangement, mc_agreement_by_kind, prm_fit_by_kind, prm_warnings, reading_piece,
                                     score_test_responses, step_kind)
 from data_gen.demo.task import TileSumTask
+from rlhf.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,6 +180,31 @@ def test_every_stage_gets_the_demo_seed_and_markers_hold_usage(tmp_path, monkeyp
         assert argv[argv.index("--seed") + 1] == "3", name
         assert argv[argv.index("--config") + 1].startswith("sha256:"), name  # recipes named by content
     assert seen["sft"]["seed"] == 3
+    board = {"min_tiles": d.args.min_tiles, "max_tiles": d.args.max_tiles, "layout": d.args.layout}
+    assert {k: seen["questions"][k] for k in board} == board and {k: seen["sft"][k] for k in board} == board
+
+
+def test_board_settings_reach_questions_sft_and_evaluation(tmp_path, monkeypatch):
+    """min_tiles / max_tiles / layout make one task for every stage: the question files, the SFT stage's argv and
+    the evaluate stage's settings; a board the task refuses is refused up front with the task's reason."""
+    from data_gen.demo import sft
+    from data_gen.demo.evaluate import EvalSettings
+
+    args = pipeline.parse(["--output_dir", str(tmp_path), "--min_tiles", "3", "--max_tiles", "3", "--layout", "rows"])
+    d = pipeline.Demo(args)
+    d.write_questions(tmp_path / "q")
+    record = json.loads((tmp_path / "q" / "test.jsonl").read_text().splitlines()[0])
+    assert len(record["values"]) == 3
+    assert record["values"] == args.task().item("test", 0).values
+    captured = {}
+    monkeypatch.setattr(sft, "train_sft", lambda out, **kw: captured.update(kw))
+    d.train_sft(tmp_path / "sft")
+    task = captured["task"]
+    assert (task.min_tiles, task.max_tiles, task.layout) == (3, 3, "rows")
+    e = EvalSettings.of(args)
+    assert (e.min_tiles, e.max_tiles, e.layout) == (3, 3, "rows")
+    with pytest.raises(UserError, match="demo: TileSumTask: layout rows puts one tile in a row"):
+        pipeline.parse(["--output_dir", str(tmp_path), "--max_tiles", "5", "--layout", "rows"])
 
 
 def test_wheel_ships_the_demo_recipes(tmp_path):

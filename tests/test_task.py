@@ -301,6 +301,8 @@ def test_settings_change_the_items_and_are_validated():
         ({"image_size": 100}, "cell size \\(25\\)"),
         ({"max_tile_px": 29}, "cell size \\(28\\)"),
         ({"noise": -0.1}, "noise"),
+        ({"layout": "diagonal"}, "layout must be one of cells, rows"),
+        ({"layout": "rows", "max_tiles": 5}, "max_tiles \\(5\\) <= grid \\(4\\)"),
     ]:
         with pytest.raises(UserError, match=fragment):
             TileSumTask(**kwargs)
@@ -310,6 +312,21 @@ def test_settings_change_the_items_and_are_validated():
         TASK.item("train", -1)
     with pytest.raises(UserError, match="n must be >= 0"):
         TASK.items("train", -1)
+
+
+def test_rows_layout_puts_one_tile_in_each_of_distinct_rows():
+    """layout="rows": n distinct rows, one tile each, so the reading order (row-major) is top to bottom; the same
+    item index gives the same board, and the default layout's items are unchanged by the option's existence."""
+    rows = TileSumTask(min_tiles=4, max_tiles=4, layout="rows")
+    for it in rows.items("train", 20):
+        cells = [t.cell for t in it.tiles]
+        assert sorted(c // 4 for c in cells) == [0, 1, 2, 3]  # 4 tiles on a 4 x 4 grid: every row once
+        assert cells == sorted(cells)  # in reading order
+        assert step_truth(it.values, it.solution.split("\n\n")) == [True] * 5
+    three = TileSumTask(min_tiles=3, max_tiles=3, layout="rows").items("test", 20)
+    assert all(len({t.cell // 4 for t in it.tiles}) == 3 for it in three)
+    assert rows.item("test", 7).values == rows.item("test", 7).values
+    assert TileSumTask(layout="cells").item("train", 0) == TileSumTask().item("train", 0)
 
 
 # ---------------------------------------------------------------- question files

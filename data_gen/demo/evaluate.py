@@ -268,6 +268,9 @@ class EvalSettings:
     """The demo settings (`pipeline.DemoArguments`) the evaluate stage reads."""
 
     test_questions: int
+    min_tiles: int
+    max_tiles: int
+    layout: str
     bon_policy: str
     aggregation: str
     step_split: str | None
@@ -312,7 +315,7 @@ def evaluate(folder: Path, inputs: EvalInputs, settings: EvalSettings) -> None:
 
     a = settings
     metrics: dict[str, Any] = {}
-    items = TileSumTask().items("test", a.test_questions, TEST_START)
+    items = TileSumTask(min_tiles=a.min_tiles, max_tiles=a.max_tiles, layout=a.layout).items("test", a.test_questions, TEST_START)
 
     # 1. greedy accuracy of both policies
     for name in ("sft", "mpo"):

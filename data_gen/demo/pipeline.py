@@ -78,6 +78,10 @@ class DemoArguments:
     label_questions: int = field(default=500, metadata={"help": "Training questions whose SFT solutions get Monte "
                                                                 "Carlo step labels (the PRM's training set)."})
     test_questions: int = field(default=300, metadata={"help": "Held-out questions."})
+    min_tiles: int = field(default=4, metadata={"help": "Fewest tiles on a board (questions, SFT and evaluation)."})
+    max_tiles: int = field(default=5, metadata={"help": "Most tiles on a board (questions, SFT and evaluation)."})
+    layout: str = field(default="cells", metadata={
+        "help": "Where the tiles go: cells (any distinct cells) | rows (distinct rows, one tile each)."})
     bon_samples: int = field(default=16, metadata={"help": "Responses per test question for Best-of-k."})
     bon_policy: str = field(default="mpo", metadata={"help": "Policy sampled for Best-of-k: mpo | sft."})
     prm_init: str = field(default="sft", metadata={"help": "Policy the VisualPRM is initialised from: sft | mpo."})
@@ -98,6 +102,15 @@ class DemoArguments:
     seed: int = field(default=0, metadata={"help": "Seed of every stage (SFT init and data order, rollouts, pairs, "
                                                     "MPO, label-steps, PRM, evaluation samples)."})
 
+    def task(self):
+        """The tile-sum task of every stage (questions, SFT training and validation, evaluation)."""
+        from .task import TileSumTask
+
+        try:
+            return TileSumTask(min_tiles=self.min_tiles, max_tiles=self.max_tiles, layout=self.layout)
+        except UserError as err:
+            raise UserError(f"demo: {err}") from None
+
     def __post_init__(self) -> None:
         if self.quick:
             for key, value in QUICK_SIZES.items():
@@ -106,6 +119,7 @@ class DemoArguments:
         bad = [f"{k}={getattr(self, k)}" for k in counts if getattr(self, k) < 1]
         if bad:
             raise UserError(f"demo: {', '.join(bad)}: counts must be >= 1")
+        self.task()  # the board settings are checked once, up front
         if self.label_questions > self.train_questions or self.heldout_label_questions > self.test_questions:
             raise UserError("demo: label_questions must be <= train_questions and heldout_label_questions <= "
                             "test_questions")
@@ -221,10 +235,11 @@ class Demo:
                     raise UserError(f"demo: stage {name} failed with exit status {code}")
             stages.append((name, settings, go))
 
-        stages.append(("questions", {k: getattr(a, k) for k in ("train_questions", "test_questions")},
+        tiles = {"min_tiles": a.min_tiles, "max_tiles": a.max_tiles, "layout": a.layout}
+        stages.append(("questions", {k: getattr(a, k) for k in ("train_questions", "test_questions")} | tiles,
                        self.write_questions))
-        stages.append(("sft", {"quick": a.quick, "seed": a.seed, "recipe": _recipe_digest(self.recipe("sft"))},
-                       self.train_sft))
+        stages.append(("sft", {"quick": a.quick, "seed": a.seed, "recipe": _recipe_digest(self.recipe("sft"))}
+                       | tiles, self.train_sft))
         add_job("rollout", rollout.main, ["--questions", str(q / "train.jsonl"), "--model", str(sft_final),
                                           "--output_dir", str(self.dir("rollout"))])
         add_job("pairs", pairs.main, ["--rollouts", str(self.dir("rollout") / "rollouts.jsonl"),
@@ -275,16 +290,16 @@ class Demo:
         return metrics
 
     def write_questions(self, folder: Path) -> None:
-        from .task import TileSumTask
-
-        task = TileSumTask()
+        task = self.args.task()
         task.write_questions(folder, "train", self.args.train_questions, start=ROLLOUT_START)
         task.write_questions(folder, "test", self.args.test_questions, start=TEST_START)
 
     def train_sft(self, folder: Path) -> None:
         from . import sft
 
-        argv = ["--config", self.recipe("sft"), "--output_dir", str(folder), "--seed", str(self.args.seed)]
+        argv = ["--config", self.recipe("sft"), "--output_dir", str(folder), "--seed", str(self.args.seed),
+                "--min_tiles", str(self.args.min_tiles), "--max_tiles", str(self.args.max_tiles), "--layout",
+                self.args.layout]
         argv += ["--quick"] if self.args.quick else []
         args = sft.parse(argv)
         kwargs = args.train_kwargs() | {"eval_items": 0}  # the evaluate stage measures every policy

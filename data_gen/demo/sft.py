@@ -422,6 +422,8 @@ class SFTArguments:
         "help": "Distinct training items (default steps * batch_size: each item seen once)."})
     min_tiles: int = field(default=TileSumTask.min_tiles, metadata={"help": "Fewest tiles per image."})
     max_tiles: int = field(default=TileSumTask.max_tiles, metadata={"help": "Most tiles per image."})
+    layout: str = field(default=TileSumTask.layout, metadata={
+        "help": "Where the tiles go: cells (any distinct cells) | rows (distinct rows, one tile each)."})
     train_min_tiles: int | None = field(default=None, metadata={
         "help": "Fewest tiles per training image (None: min_tiles); validation and evaluation keep min_tiles."})
     vision_hidden: int = field(default=TinySizes.vision_hidden, metadata={"help": "Vision tower width."})
@@ -447,14 +449,14 @@ class SFTArguments:
 
     def train_kwargs(self) -> dict[str, Any]:
         args = replace(self, **QUICK) if self.quick else self
-        task_fields = {"min_tiles", "max_tiles", "train_min_tiles"}
+        task_fields = {"min_tiles", "max_tiles", "layout", "train_min_tiles"}
         skip = task_fields | set(SIZE_FIELDS) | {"output_dir", "quick"}
         kwargs = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in skip}
         kwargs["sizes"] = replace(TinySizes(), **{name: getattr(args, name) for name in SIZE_FIELDS})
         try:
-            kwargs["task"] = TileSumTask(min_tiles=args.min_tiles, max_tiles=args.max_tiles)
+            kwargs["task"] = TileSumTask(min_tiles=args.min_tiles, max_tiles=args.max_tiles, layout=args.layout)
             if args.train_min_tiles is not None:
-                kwargs["train_task"] = TileSumTask(min_tiles=args.train_min_tiles, max_tiles=args.max_tiles)
+                kwargs["train_task"] = replace(kwargs["task"], min_tiles=args.train_min_tiles)
         except UserError as err:
             raise UserError(f"demo SFT recipe: {err}") from None
         return kwargs

@@ -66,6 +66,7 @@ COLOR_KEY: dict[int, tuple[int, int, int]] = {
 }
 SPLITS = ("train", "test")
 READING_STYLES = ("list", "per_tile")
+LAYOUTS = ("cells", "rows")
 QUESTION = "<image>\nAdd the numbers shown by the coloured tiles, left to right, top to bottom."
 BACKGROUND_LEVELS = (40, 200)  # dark and light neutral grey, each jittered by up to +-BACKGROUND_JITTER
 BACKGROUND_JITTER = 10
@@ -223,6 +224,7 @@ class TileSumTask:
     max_tile_px: int = 28
     max_offset_px: int = 3  # max shift of a tile from its cell's centre, per axis (always kept inside the cell)
     reading: str = "list"  # gold reading steps: one listing every value ("list") or one per tile ("per_tile")
+    layout: str = "cells"  # where tiles go: any distinct cells ("cells"), or distinct rows, one tile each ("rows")
 
     def __post_init__(self) -> None:
         cell = self.image_size // self.grid if self.grid > 0 else 0
@@ -238,6 +240,9 @@ class TileSumTask:
             (self.max_offset_px < 0, f"max_offset_px must be >= 0, got {self.max_offset_px}"),
             (self.reading not in READING_STYLES, f"reading must be one of {', '.join(READING_STYLES)}, got "
              f"{self.reading!r}"),
+            (self.layout not in LAYOUTS, f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}"),
+            (self.layout == "rows" and self.max_tiles > self.grid, f"layout rows puts one tile in a row: need "
+             f"max_tiles ({self.max_tiles}) <= grid ({self.grid})"),
         ]
         messages = [message for bad, message in problems if bad]
         if messages:
@@ -254,7 +259,11 @@ class TileSumTask:
             raise UserError(f"TileSumTask: index must be a non-negative int, got {index!r}")
         rng = np.random.default_rng(_seed(split, index))
         n = int(rng.integers(self.min_tiles, self.max_tiles + 1))
-        cells = sorted(int(c) for c in rng.choice(self.grid**2, size=n, replace=False))
+        if self.layout == "rows":
+            rows = sorted(int(r) for r in rng.choice(self.grid, size=n, replace=False))
+            cells = [r * self.grid + int(rng.integers(self.grid)) for r in rows]
+        else:
+            cells = sorted(int(c) for c in rng.choice(self.grid**2, size=n, replace=False))
         values = [int(v) for v in rng.integers(1, 10, size=n)]
         image, tiles = self.render(cells, values, rng)
         return TaskItem(
