@@ -1,11 +1,14 @@
 """`mmalign demo` over several seeds, one after another: every metric per seed with min / median / max.
 
     python benchmarks/demo_seeds.py --seeds 0 1 2 3 4 --output_dir runs/demo_seeds [--quick] [-- --field value ...]
+    python benchmarks/demo_seeds.py --runs runs/demo_a runs/demo_b --output_dir runs/demo_seeds   # tabulate only
 
 Each seed runs the whole demo (`mmalign demo --seed S --output_dir OUTPUT_DIR/seed_S`, every stage seeded from S)
 in its own folder, so an interrupted sweep resumes where it stopped (finished stages are skipped). Then
 `OUTPUT_DIR/seeds.md` gets one row per seed and the min / median / max of each metric, the targets each seed met,
-and the load average at the start and end of each run; `OUTPUT_DIR/seeds.json` the same numbers. A claim about the
+and the load average at the start and end of each run; `OUTPUT_DIR/seeds.json` the same numbers. `--runs` tabulates
+finished demo folders instead (each one's seed and the load at its first stage's start and last stage's end come from
+its metrics.json), for runs made elsewhere or one at a time. A claim about the
 demo quotes the worst seed of this table, not the best. Run it on an idle machine: the time target is for one.
 """
 
@@ -62,6 +65,19 @@ def run_seed(seed: int, out: Path, quick: bool, extra: list[str]) -> dict:
     return metrics
 
 
+def finished_run(folder: Path) -> dict:
+    """The metrics of a finished demo folder, with the sweep fields read from its own stage records."""
+    path = folder / METRICS_FILE
+    if not path.is_file():
+        raise SystemExit(f"demo_seeds: {path} not found: --runs takes finished `mmalign demo` output folders")
+    metrics = json.loads(path.read_text())
+    usage = list((metrics.get("stage_usage") or {}).values())
+    metrics["sweep"] = {"load_start": usage[0].get("load_start") if usage else None,
+                        "load_end": usage[-1].get("load_end") if usage else None,
+                        "wall_seconds": round(60 * metrics.get("total_minutes", 0.0), 1), "folder": str(folder)}
+    return metrics
+
+
 def table(per_seed: dict[int, dict], quick: bool) -> str:
     names = [c[0] for c in COLUMNS]
     lines = ["| seed | " + " | ".join(names) + " | targets met | load start -> end |",
@@ -92,11 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--output_dir", default="runs/demo_seeds")
     parser.add_argument("--quick", action="store_true", help="the demo's CI-sized run for each seed (wiring only)")
+    parser.add_argument("--runs", nargs="+", type=Path, help="finished demo folders to tabulate (runs nothing)")
     args, extra = parser.parse_known_args(argv)
     extra = [x for x in extra if x != "--"]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    per_seed = {seed: run_seed(seed, out, args.quick, extra) for seed in args.seeds}
+    if args.runs:
+        per_seed = {}
+        for folder in args.runs:
+            m = finished_run(folder)
+            if m["seed"] in per_seed:
+                raise SystemExit(f"demo_seeds: two runs of seed {m['seed']} ({folder})")
+            per_seed[m["seed"]] = m
+        args.seeds, args.quick = list(per_seed), any(m.get("quick") for m in per_seed.values())
+    else:
+        per_seed = {seed: run_seed(seed, out, args.quick, extra) for seed in args.seeds}
     text = table(per_seed, args.quick)
     misses = missed(per_seed, args.quick)
     doc = [f"# mmalign demo over seeds {', '.join(map(str, args.seeds))}{' (quick)' if args.quick else ''}", "",

@@ -246,6 +246,30 @@ def test_seed_table_min_median_max_and_missed_targets():
         "seed 1: MPO greedy >= SFT greedy + 10 points (55.0% vs 50.0%)", "seed 1: full run <= 20 minutes (21.0 min)"]
 
 
+def test_seed_table_of_finished_runs(tmp_path):
+    """--runs tabulates finished demo folders: the seed from each metrics.json, the load at the first stage's start
+    and the last stage's end, two runs of one seed refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import demo_seeds
+
+    for name, seed, acc in (("a", 3, 0.6), ("b", 1, 0.8)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({
+            "seed": seed, "mpo_greedy_acc": acc, "total_minutes": 19.5,
+            "stage_usage": {"questions": {"load_start": 0.5, "load_end": 0.6}, "sft": {"load_start": 0.6,
+                                                                                     "load_end": 1.75}}}))
+    assert demo_seeds.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--output_dir",
+                            str(tmp_path / "out")]) == 0
+    doc = (tmp_path / "out" / "seeds.md").read_text()
+    assert doc.startswith("# mmalign demo over seeds 3, 1")
+    row = next(line for line in doc.splitlines() if line.startswith("| 3 |"))
+    assert "| 60.0% |" in row and row.endswith("| 0.5 -> 1.75 |")
+    saved = json.loads((tmp_path / "out" / "seeds.json").read_text())
+    assert saved["1"]["mpo_greedy_acc"] == 0.8 and saved["1"]["sweep"]["wall_seconds"] == 1170.0
+    with pytest.raises(SystemExit, match="two runs of seed 3"):
+        demo_seeds.main(["--runs", str(tmp_path / "a"), str(tmp_path / "a"), "--output_dir", str(tmp_path / "o")])
+
+
 def test_step_scores_line_up_with_the_steps_they_judge():
     """What the demo's AUCs rest on: the scorer's pieces of a response are `steps_of(text)`, one P(+) per piece, in
     order; scoring the pieces as a list gives the same numbers; `step_truth` judges the same pieces; and the kinds
