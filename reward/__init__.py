@@ -10,7 +10,7 @@ from typing import Any
 
 # public name -> module (relative to this package) that defines it
 _LAZY: dict[str, str] = {
-    "VisualPRMConfig": ".prm_trainer",
+    "VisualPRMConfig": ".prm_config",
     "VisualPRMTrainer": ".prm_trainer",
     "PRMScorer": ".scorer",
     "as_grpo_reward": ".scorer",

@@ -33,7 +33,7 @@ from .formats import (
     mc_to_stepwise,
     parse_jsonl_line,
 )
-from .prm_trainer import OverflowAction, VisualPRMConfig
+from .prm_config import OverflowAction, VisualPRMConfig
 from .prompts import prm_question
 from .steps import join_steps
 
@@ -234,7 +234,7 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
     solutions over `args.max_length` are handled as `args.on_overflow` says, and reported."""
     from rlhf.data import image_problem, resolve_image
 
-    from .prm_trainer import encode_row
+    from .prm_collator import encode_row
 
     confined = image_root is not None  # a folder given (--image_root, a meta.json root)
     root = Path(image_root) if image_root is not None else Path(path).parent

@@ -29,18 +29,11 @@ from reward.prm_job import (
     merge_steps,
     read_prm_records,
 )
-from reward.prm_trainer import (
-    PRMCollator,
-    PRMConfigError,
-    VisualPRMConfig,
-    VisualPRMTrainer,
-    encode_row,
-    hard_token_losses,
-    plus_probability,
-    prm_eval_metrics,
-    soft_token_losses,
-    step_metrics,
-)
+from reward.prm_collator import PRMCollator, encode_row
+from reward.prm_config import PRMConfigError, VisualPRMConfig
+from reward.prm_losses import hard_token_losses, plus_probability, soft_token_losses
+from reward.prm_metrics import prm_eval_metrics, step_metrics
+from reward.prm_trainer import VisualPRMTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = REPO / "recipes" / "prm" / "tiny_data"
@@ -407,7 +400,7 @@ def test_cli_tiny_recipe_end_to_end(tmp_path, monkeypatch):
 
     from rlhf.cli import main
     from rlhf.processing import InternVLChatProcessor
-    from reward.prm_trainer import judgement_logits
+    from reward.prm_head import judgement_logits
 
     monkeypatch.chdir(REPO)
     eval_file = tmp_path / "eval10.jsonl"
