@@ -1,8 +1,9 @@
 """Scoring solutions with a generative process reward model (reference section 3, "Scoring").
 
-A step's score is P(`+`) after a softmax over the two logits {`+`, `-`} at the position where the assistant's
-answer to that step begins (the last token of `<|im_start|>assistant\\n`, just before the judgement token). That
-position sees only earlier tokens, so the judgement written after it does not matter: every step is written as `+`.
+A step's score is P(`+`) after a softmax over the two logits {`+`, `-`} (`reward.prm_losses.plus_probability`, the
+function training's metrics use) at the position where the assistant's answer to that step begins (the last token
+of `<|im_start|>assistant\\n`, just before the judgement token). That position sees only earlier tokens, so the
+judgement written after it does not matter: every step is written as `+`.
 
 Three ways to compute the same numbers (`ScoringMethod`):
 
@@ -14,7 +15,7 @@ Three ways to compute the same numbers (`ScoringMethod`):
 - `per_step`: the first released scorer: one forward per step prefix, reading its last position.
 
 In every method the LM head runs only at the judgement positions: the backbone's hidden states are gathered there,
-projected by the LM head, and only the `+`/`-` columns are kept; no (batch, seq, vocab) logits tensor is made.
+projected by the LM head, and only the `+`/`-` columns are read; no (batch, seq, vocab) logits tensor is made.
 
 `as_grpo_reward(scorer)` wraps a scorer as a TRL `GRPOTrainer` reward function.
 """
@@ -38,6 +39,7 @@ from rlhf.processing import InternVLChatProcessor
 from .formats import PRM_SYSTEM_PROMPT
 from .steps import compile_step_split, split_steps
 from .prm_data import encode_prefix, encode_steps, judgement_ids
+from .prm_losses import plus_probability
 
 
 class Aggregation(StrEnum):
@@ -244,8 +246,7 @@ class PRMScorer:
         self._count(1, len(rows), sum(map(len, rows)), ids.numel(), pixel_values)
         row_idx = torch.tensor([i for i, r in enumerate(reads) for _ in r], device=dev)
         col_idx = torch.tensor([p for r in reads for p in r], device=dev)
-        logits = self.lm_head(hidden[row_idx, col_idx])[:, [self.plus_id, self.minus_id]].float()
-        plus = torch.softmax(logits, dim=-1)[:, 0].tolist()
+        plus = plus_probability(self.lm_head(hidden[row_idx, col_idx]), self.plus_id, self.minus_id).tolist()
         out, start = [], 0
         for r in reads:
             out.append(plus[start:start + len(r)])

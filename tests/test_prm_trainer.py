@@ -31,7 +31,7 @@ from reward.prm_job import (
 )
 from reward.prm_collator import PRMCollator, encode_row
 from reward.prm_config import PRMConfigError, VisualPRMConfig
-from reward.prm_losses import hard_token_losses, plus_probability, soft_token_losses
+from reward.prm_losses import hard_token_losses, plus_margin, plus_probability, soft_token_losses
 from reward.prm_metrics import prm_eval_metrics, step_metrics
 from reward.prm_trainer import VisualPRMTrainer
 
@@ -75,6 +75,18 @@ def test_soft_loss_worked_numbers():
     # With 0/1 scores the soft term is the two-way cross-entropy: -ln(3/4) = 0.2876821 and -ln(1 - 1/5) = 0.2231436
     hard_scores = soft_token_losses(JUDGE, END, torch.tensor([1.0, 0.0]), torch.tensor([EOT, EOT]), PLUS, MINUS)
     assert hard_scores[:2].tolist() == pytest.approx([0.2876821, 0.2231436], abs=1e-6)
+
+
+def test_plus_probability_worked_example():
+    """P(+) is the softmax over the '+' and '-' logits alone; the rest of the vocabulary does not count.
+    Vocabulary of 4: '-' = 0, '+' = 1. Row 1: logits (0, ln 3, 5, -2) -> e^ln3 / (e^ln3 + e^0) = 3 / 4, whatever
+    tokens 2 and 3 hold. Row 2: equal '+'/'-' logits -> 1/2. Row 3: '+' 2 below '-' -> 1 / (1 + e^2) = 0.1192029."""
+    logits = torch.tensor([[0.0, LN(3), 5.0, -2.0], [1.5, 1.5, 0.0, 9.0], [2.0, 0.0, 0.0, 0.0]])
+    assert plus_probability(logits, 1, 0).tolist() == pytest.approx([0.75, 0.5, 0.1192029], abs=1e-7)
+    assert plus_margin(logits, 1, 0).tolist() == pytest.approx([LN(3), 0.0, -2.0], abs=1e-7)  # log-odds of P(+)
+    # bf16 logits (a bf16 LM head) give float32 probabilities: ln 3 = 1.0986 rounds to 1.1015625 in bf16 -> 0.7505527
+    p = plus_probability(logits.bfloat16(), 1, 0)
+    assert p.dtype == torch.float32 and p.tolist() == pytest.approx([0.7505527, 0.5, 0.1192029], abs=1e-6)
 
 
 # -- metrics, worked by hand -----------------------------------------------------------------------------------------

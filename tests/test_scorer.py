@@ -103,6 +103,27 @@ def test_step_score_is_p_plus_from_the_full_model_logits(model_and_processor, im
     assert got.step_scores == pytest.approx(want, abs=1e-5)
 
 
+def test_training_and_scoring_compute_the_same_p_plus(model_and_processor, tmp_path):
+    """P(+) has one home (`reward.prm_losses.plus_probability`): the trainer's evaluation P(+) of a training row whose
+    judgements are all written as '+' (`plus_context`, the context the scorer judges in) equals the scorer's step
+    scores of the same solution, image included."""
+    from reward.prm_collator import PRMCollator, encode_row
+    from reward.prm_config import VisualPRMConfig
+    from reward.prm_trainer import VisualPRMTrainer
+
+    model, processor = model_and_processor
+    path = write_image(tmp_path / "a.png", size=(224, 112))
+    steps = ["The tiles show 3 and 7.", "3 + 7 = 11.", "Answer: 11"]
+    row = encode_row(processor, QUESTION, steps, [True, False, False], [str(path)], 4, plus_context=True)
+    args = VisualPRMConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    trainer = VisualPRMTrainer(model, args=args, processing_class=processor)
+    with torch.no_grad():
+        _, p_plus = trainer.judgement_loss(model, PRMCollator(processor)([row]))
+    scored = PRMScorer(model, processor, max_patches=4).score(QUESTION, [path], steps).step_scores
+    assert len(scored) == 3 and max(scored) - min(scored) > 1e-4  # distinct numbers, so a shifted row would show
+    assert p_plus.tolist() == pytest.approx(scored, abs=1e-5)
+
+
 def test_images_change_the_scores(model_and_processor, image):
     model, processor = model_and_processor
     scorer = PRMScorer(model, processor, max_patches=4)
