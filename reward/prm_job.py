@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -35,7 +34,7 @@ from .formats import (
 )
 from .prm_config import OverflowAction, VisualPRMConfig
 from .prompts import prm_question
-from .steps import join_steps
+from .steps import merge_steps
 
 logger = logging.getLogger("mmalign.prm")
 FORMAT_FIELD = "data_format"
@@ -158,19 +157,6 @@ def record_example(record) -> tuple[str, list[str], list[bool] | list[float], li
     return record.question, list(record.steps), list(record.labels), list(record.images)
 
 
-def merge_steps(steps: list[str], labels: list, max_steps: int | None) -> tuple[list[str], list]:
-    """`split_steps`' even merge (`k = ceil(n / max_steps)` consecutive steps joined by a blank line). A merged step
-    takes the label of its last step: it is correct up to there exactly when that step is, and its Monte Carlo
-    prefix is that step's prefix. Steps cut with a `step_split` pattern are rejoined here by a blank line, not by
-    the text between them as the scorer's split does: label them with label-steps `max_steps` <= this one (the
-    demo uses 12 for both), so no record is merged again."""
-    if max_steps is None or len(steps) <= max_steps:
-        return steps, labels
-    k = math.ceil(len(steps) / max_steps)
-    starts = range(0, len(steps), k)
-    return [join_steps(steps[i:i + k]) for i in starts], [labels[min(i + k, len(steps)) - 1] for i in starts]
-
-
 @dataclass
 class PRMSource:
     """One annotation file and how to use it (a meta.json entry, or the data file itself)."""
@@ -251,7 +237,8 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
         if args.reward_level == "outcome":  # InternVL's ORM rows: the whole solution, judged by its last step
             response = getattr(record, "meta", {}).get("response")
             steps, labels = outcome_example(steps, labels, response if isinstance(response, str) else None)
-        steps, labels = merge_steps(steps, labels, args.max_steps_per_solution)
+        steps, last = merge_steps(steps, args.max_steps_per_solution)  # a merged step: its last step's label
+        labels = [labels[i] for i in last]
         try:  # one rule for every reader: inside the image root (default: the data file's folder)
             resolved = [str(resolve_image(root, p)) for p in images]
         except ValueError as err:

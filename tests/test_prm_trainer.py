@@ -19,14 +19,13 @@ from datasets import Dataset
 from PIL import Image
 from transformers import EvalPrediction
 
-from reward.formats import PRM_SYSTEM_PROMPT, MCRecord, StepwiseRecord, join_steps, split_steps
+from reward.formats import PRM_SYSTEM_PROMPT, MCRecord, StepwiseRecord
 from reward.prm_data import encode_prm
 from rlhf.processing import IM_END
 from reward.prm_job import (
     DataFormat,
     PRMDataError,
     build_rows,
-    merge_steps,
     read_prm_records,
 )
 from reward.prm_collator import PRMCollator, encode_row
@@ -255,15 +254,6 @@ def test_short_training_learns_an_easy_rule(tmp_path):
 
 
 # -- data: readers, merge, rows --------------------------------------------------------------------------------------
-
-
-def test_merge_steps_follows_split_steps():
-    steps = [f"step {i}" for i in range(13)]
-    labels = [1.0] * 9 + [0.5, 0.25, 0.0, 0.0]
-    merged, merged_labels = merge_steps(steps, labels, 6)  # k = ceil(13 / 6) = 3 -> 5 merged steps
-    assert merged == split_steps(join_steps(steps), 6)
-    assert merged_labels == [labels[2], labels[5], labels[8], labels[11], labels[12]]
-    assert merge_steps(steps, labels, None) == (steps, labels)
 
 
 def test_reader_detects_each_kind(tmp_path):
