@@ -6,16 +6,16 @@ Input (`solutions`): JSON lines, either the rollout job's output (up to `solutio
     {"id", "image" | "images" (optional), "question", "answer", "responses": [{"text", "correct", ...}, ...]}
     {"id", "image" | "images" (optional), "question", "answer", "solution": "step 1\\n\\nstep 2 ..."}
 
-Each solution is split into steps (`reward.steps.segment_steps`: blank lines, even merge above `max_steps`). For
-step i the policy continues the answer `steps[0..i]` joined by blank lines (the `assistant_prefix` of a request with
-the rollout's prompt), `num_continuations` times. `mc_prefix` (`MCPrefix`) says how that prefix ends: `internvl`
-(the default, InternVL's pipeline) with the last step and no separator, so the policy writes what follows itself;
-`blank_line` (ours, mmalign's default before) with one more blank line, so the policy starts the next step. With
-`step_split` (ours), a blank-line step is also cut at each match of that pattern, and a step ending at such a cut is
-continued from the solution text up to the cut in either style (the policy finishes the line itself); a
-continuation is correct
-when the answer extracted from prefix + continuation is judged correct (`reward.verify.judge`). The step's score
-is mc_i = correct / sampled and its label is `+` iff the score > `label_threshold` (published: 0).
+Each solution is split into steps (`reward.steps.segment_steps`: blank lines, even merge above
+`max_steps_per_solution`). For step i the policy continues the answer `steps[0..i]` joined by blank lines (the
+`assistant_prefix` of a request with the rollout's prompt), `num_continuations` times. `mc_prefix` (`MCPrefix`)
+says how that prefix ends: `internvl` (the default, InternVL's pipeline) with the last step and no separator, so the
+policy writes what follows itself; `blank_line` (ours, mmalign's default before) with one more blank line, so the
+policy starts the next step. With `step_split` (ours), a blank-line step is also cut at each match of that pattern,
+and a step ending at such a cut is continued from the solution text up to the cut in either style (the policy
+finishes the line itself); a continuation is correct when the answer extracted from prefix + continuation is judged
+correct (`reward.verify.judge`). The step's score is mc_i = correct / sampled and its label is `+` iff the score >
+`label_threshold` (published: 0).
 
 Modes (`LabelMode`):
 
@@ -452,7 +452,7 @@ def with_placeholders(question: str, n_images: int) -> str:
 @dataclass
 class LabelSettings:
     mc: MCSettings
-    max_steps: int
+    max_steps_per_solution: int
     backend: BackendArguments
     step_split: str | None = None
     mc_prefix: MCPrefix = MCPrefix.INTERNVL
@@ -479,7 +479,7 @@ class LabelStepsWorker:
         outcomes: dict[str, dict | Failure] = {}
         tasks, asked = [], []
         for item in items:
-            steps = segment_steps(item.text, self.settings.max_steps, self.settings.step_split)
+            steps = segment_steps(item.text, self.settings.max_steps_per_solution, self.settings.step_split)
             if not steps:
                 outcomes[item.id] = Failure(item.id, "the solution is empty (no steps to label)")
                 continue
@@ -619,7 +619,8 @@ class LabelStepsArguments:
         "help": "Root of relative image paths (default: the record's image_root, else the file's folder)."})
     solutions_per_question: int = field(default=4, metadata={"help": "Responses labelled per question (published: "
                                                                      "4, sampled at temperature 1.0)."})
-    max_steps: int = field(default=12, metadata={"help": "More steps are merged evenly (12; 16 for InternVL3)."})
+    max_steps_per_solution: int = field(default=12, metadata={
+        "help": "More steps are merged evenly (12; 16 for InternVL3). Train and score the PRM with the same."})
     step_split: str | None = field(default=None, metadata={
         "help": "Ours: a regular expression that also ends a step at each match inside a blank-line step, e.g. "
                 "'(?<=,)(?= )|(?= and )' for one step per listed value (score with the same pattern)."})
@@ -646,7 +647,7 @@ class LabelStepsArguments:
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt (default: the rollout's)."})
 
     def __post_init__(self) -> None:  # the Monte Carlo settings are checked by MCSettings
-        for name in ("solutions_per_question", "max_steps"):
+        for name in ("solutions_per_question", "max_steps_per_solution"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.mode = _mode(self.mode).value
@@ -678,8 +679,8 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     items = [replace(item, record_images=_record_images(item, output_dir)) for item in items]
-    settings = LabelSettings(args.mc_settings(sampling), args.max_steps, backend_args, args.step_split or None,
-                             MCPrefix(args.mc_prefix))
+    settings = LabelSettings(args.mc_settings(sampling), args.max_steps_per_solution, backend_args,
+                             args.step_split or None, MCPrefix(args.mc_prefix))
     where = ("solutions", "image_root", "solutions_per_question")  # which input, not how its records are made
     fingerprint = {k: v for k, v in asdict(args).items() if k not in where} | {"sampling": asdict(sampling)}
     fingerprint["backend"] = {"backend": backend_args.backend, **backend_args.kwargs()}

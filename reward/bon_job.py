@@ -25,7 +25,7 @@ The job runs in two phases.
    local process writes (`rlhf.jobs.ray_executor`). These are the data jobs' `RunnerArguments`
    (`rlhf.jobs.settings`), with their meaning and checks, `--resume false` included (old files moved to *.bak).
    On a cluster the data files and images must be at the same paths on every node. A resumed run refuses (one
-   line) a folder scored with other PRM settings (`bon_settings.json`: model, aggregation, method, max_steps,
+   line) a folder scored with other PRM settings (`bon_settings.json`: model, aggregation, method,
    step_split, system_prompt, max_patches, dtype, trust_remote_code, seed) or a question whose text, images or
    responses changed since its line was written.
 2. Best-of-N, from scores.jsonl and the input: `selected.jsonl` (per question: the selected response and every
@@ -57,8 +57,8 @@ REJECTS_FILE = "rejects.jsonl"
 SCORES_NAME = "scores"  # scores.jsonl: the scoring phase's resumable work (rlhf.jobs.runner)
 SETTINGS_FILE = "bon_settings.json"
 # the ScorerArguments that change what the PRM gives (not how fast: batch_size, device); a resume must keep them
-SCORE_SETTINGS = ("model_name_or_path", "aggregation", "method", "max_steps", "step_split", "system_prompt",
-                  "max_patches", "dtype", "trust_remote_code", "seed")
+SCORE_SETTINGS = ("model_name_or_path", "aggregation", "method", "max_steps_per_solution", "step_split",
+                  "system_prompt", "max_patches", "dtype", "trust_remote_code", "seed")
 OUTPUT_FILES = ("selected.jsonl", "bon_metrics.json", "bon_table.md", "bon_curve.png")  # made from scores.jsonl
 INPUT_FIELDS = "question, images or responses"  # what refuse_changed names when a scored question changed
 GROUND_TRUTH_KEYS = ("answer", "answer_gt")
@@ -78,7 +78,8 @@ class ScorerArguments:
         "help": f"Step scores -> solution score: {', '.join(Aggregation)}."})
     method: str = field(default=ScoringMethod.SHARED_PREFIX.value, metadata={
         "help": f"How the PRM runs (same scores, different cost): {', '.join(ScoringMethod)}."})
-    max_steps: int | None = field(default=None, metadata={"help": "Merge steps evenly beyond this many."})
+    max_steps_per_solution: int | None = field(default=None, metadata={
+        "help": "Merge the steps of longer solutions evenly (reward.steps.merge_steps)."})
     step_split: str | None = field(default=None, metadata={
         "help": "Ours: the pattern that also ended steps inside blank-line steps in the PRM's labels (label-steps "
                 "--step_split), so text solutions are split as the PRM learned them."})
@@ -268,7 +269,7 @@ def load_scorer(args: ScorerArguments):
                                                 trust_remote_code=args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
-    return PRMScorer(model, processor, aggregation=args.aggregation, max_steps=args.max_steps,
+    return PRMScorer(model, processor, aggregation=args.aggregation, max_steps_per_solution=args.max_steps_per_solution,
                      batch_size=args.batch_size, method=args.method, max_patches=args.max_patches,
                      step_split=args.step_split, system=args.system_prompt or None)
 

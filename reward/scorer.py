@@ -105,14 +105,14 @@ class PRMScorer:
 
     `model` is an `InternVLForConditionalGeneration` (with an `InternVLChatProcessor`) or a text-only causal LM
     (with its tokenizer); a PEFT wrapper is unwrapped. Text solutions are split with
-    `split_steps(text, max_steps, step_split)` (`step_split`: the pattern the PRM's labels were split with, if any);
-    a list of strings is taken as the steps. `max_patches` is the tile budget per question (split evenly over
-    several images, at least one tile each; default: the processor's). `batch_size` is the number of solutions
-    (bodies) per forward.
+    `split_steps(text, max_steps_per_solution, step_split)` (`step_split`: the pattern the PRM's labels were split
+    with, if any); a list of strings is taken as the steps. `max_patches` is the tile budget per question (split
+    evenly over several images, at least one tile each; default: the processor's). `batch_size` is the number of
+    solutions (bodies) per forward.
     """
 
     def __init__(self, model, processor, aggregation: Aggregation | str = Aggregation.MEAN,
-                 max_steps: int | None = None, batch_size: int = 8,
+                 max_steps_per_solution: int | None = None, batch_size: int = 8,
                  method: ScoringMethod | str = ScoringMethod.SHARED_PREFIX, max_patches: int | None = None,
                  system: str | None = PRM_SYSTEM_PROMPT, step_split: str | None = None):
         self.aggregation = _choice(Aggregation, aggregation, "aggregation")
@@ -120,7 +120,8 @@ class PRMScorer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.processor = model, processor
-        self.max_steps, self.batch_size, self.max_patches, self.system = max_steps, batch_size, max_patches, system
+        self.max_steps_per_solution, self.system = max_steps_per_solution, system
+        self.batch_size, self.max_patches = batch_size, max_patches
         self.step_split = compile_step_split(step_split)
         self.plus_id, self.minus_id = judgement_ids(processor)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -133,7 +134,7 @@ class PRMScorer:
     # -- public API -----------------------------------------------------------------------------------------------
     def steps_of(self, solution: Solution) -> list[str]:
         if isinstance(solution, str):
-            return split_steps(solution, self.max_steps, self.step_split)
+            return split_steps(solution, self.max_steps_per_solution, self.step_split)
         return list(solution)
 
     def aggregate(self, step_scores: Sequence[float]) -> float:

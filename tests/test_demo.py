@@ -48,7 +48,7 @@ def test_quick_demo_writes_report_metrics_and_plots(quick_run):
     split = pipeline.parse([]).step_split
     for stage in ("label_steps", "heldout_labels"):
         quick = pipeline.QUICK_ARGS[stage]
-        max_steps = int(quick[quick.index("--max_steps") + 1])
+        max_steps = int(quick[quick.index("--max_steps_per_solution") + 1])
         records = [json.loads(line) for line in (quick_run / stage / "mc.jsonl").read_text().splitlines()]
         assert records and all(r["step_split"] == split for r in records)
         for r in records:

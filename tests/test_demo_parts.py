@@ -230,7 +230,7 @@ def test_step_scores_line_up_with_the_steps_they_judge():
     split = pipeline.parse([]).step_split
     processor = build_processor()
     scorer = PRMScorer(build_internvl(processor, seed=0).eval(), processor, max_patches=1, system=None,
-                       max_steps=12, step_split=split)
+                       max_steps_per_solution=12, step_split=split)
     item = TileSumTask().item("test", 0)
     wrong = item.solution.replace(f"show {item.values[0]},", f"show {item.values[0] % 9 + 1},", 1)
     for text in (item.solution, wrong):

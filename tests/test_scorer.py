@@ -149,9 +149,9 @@ def test_aggregations_worked_numbers(model_and_processor):
         PRMScorer(model, processor, aggregation="median")
 
 
-def test_text_solutions_are_split_with_max_steps(model_and_processor):
+def test_text_solutions_are_split_with_max_steps_per_solution(model_and_processor):
     model, processor = model_and_processor
-    scorer = PRMScorer(model, processor, max_steps=2)
+    scorer = PRMScorer(model, processor, max_steps_per_solution=2)
     text = "a + b.\n\nc + d.\n\nAnswer: 4"  # 3 steps, max 2 -> k = 2: ["a + b.\n\nc + d.", "Answer: 4"]
     merged = scorer.score("What?", [], text)
     as_list = scorer.score("What?", [], ["a + b.\n\nc + d.", "Answer: 4"])

@@ -327,8 +327,8 @@ def evaluate(folder: Path, inputs: EvalInputs, settings: EvalSettings) -> None:
     # 2. Best-of-k with the PRM, with each question's own image and, as an ablation, another question's image
     prm, processor = load_model_and_processor(str(inputs.prm / "final"))
     prm.eval()
-    scorer = PRMScorer(prm, processor, aggregation=a.aggregation, max_steps=MAX_STEPS, batch_size=16, max_patches=1,
-                       step_split=a.step_split, system=a.prm_system_prompt or None)
+    scorer = PRMScorer(prm, processor, aggregation=a.aggregation, max_steps_per_solution=MAX_STEPS, batch_size=16,
+                       max_patches=1, step_split=a.step_split, system=a.prm_system_prompt or None)
     values = {r["id"]: r["values"] for r in _read_jsonl(inputs.questions / "test.jsonl")}
     records = sorted(_read_jsonl(inputs.test_rollout / "rollouts.jsonl"), key=lambda r: r["id"])
     images = [_image(r, inputs.questions) for r in records]

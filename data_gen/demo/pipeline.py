@@ -63,8 +63,8 @@ QUICK_ARGS: dict[str, list[str]] = {
     "pairs": ["--max_new_tokens", "24"],
     "mpo": ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1"],
     "test_rollout": ["--max_new_tokens", "48"],
-    "label_steps": ["--num_continuations", "4", "--max_new_tokens", "24", "--max_steps", "4"],
-    "heldout_labels": ["--num_continuations", "4", "--max_new_tokens", "24", "--max_steps", "4"],
+    "label_steps": ["--num_continuations", "4", "--max_new_tokens", "24", "--max_steps_per_solution", "4"],
+    "heldout_labels": ["--num_continuations", "4", "--max_new_tokens", "24", "--max_steps_per_solution", "4"],
     "prm": ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1"],
 }
 
