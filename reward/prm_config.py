@@ -20,6 +20,8 @@ from transformers import TrainingArguments
 from rlhf.errors import UserError
 
 from .formats import PRM_SYSTEM_PROMPT
+from .step_settings import StepSettings
+from .steps import compile_step_split
 
 
 class LabelMode(StrEnum):
@@ -63,7 +65,13 @@ class VisualPRMConfig(TrainingArguments):
         "help": "Tile budget per sample; a sample with k images gets max(1, max_dynamic_patch // k) per image."})
     max_steps_per_solution: int | None = field(default=None, metadata={
         "help": "Merge the steps of longer solutions evenly, k = ceil(n / max) consecutive steps per merged step "
-                "(the rule of reward.formats.split_steps; VisualPRM used 12, 16 for the InternVL3 data)."})
+                "(reward.steps.merge_steps; VisualPRM used 12, 16 for the InternVL3 data). Default: the data's "
+                "step_settings (label-steps records them); given, every record that carries them must agree. Saved "
+                "with the checkpoint (step_settings.json), so scoring splits as training did."})
+    step_split: str | None = field(default=None, metadata={
+        "help": "Ours: the pattern label-steps also cut steps with (its --step_split). Default: the data's "
+                "step_settings; given ('' for none), every record that carries them must agree. Not applied to the "
+                "data (their steps are cut already): saved with the checkpoint, so scoring cuts text the same way."})
     judgement_context: str = field(default="label", metadata={
         "help": "What earlier judgement tokens hold in a training row: 'label' (published: the true labels, teacher "
                 "forcing) or 'plus' (ours: every earlier judgement written as '+', exactly what PRMScorer feeds at "
@@ -79,7 +87,7 @@ class VisualPRMConfig(TrainingArguments):
         "choices": ["process", "outcome"]})
     system_prompt: str = field(default=PRM_SYSTEM_PROMPT, metadata={
         "help": "The system turn of every training row (default: the published PRM prompt, which the released "
-                "checkpoint expects); '' for none. Score with the same one (PRMScorer system, bon --system_prompt)."})
+                "checkpoint expects); '' for none. Saved with the checkpoint (step_settings.json) for scoring."})
     calibration_bins: int = field(default=10, metadata={"help": "Equal-width bins of the expected calibration error."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Rows are pre-tokenized; keep every column."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on when CUDA is there)."})
@@ -111,7 +119,13 @@ class VisualPRMConfig(TrainingArguments):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 extra = " or None" if optional else ""
                 raise PRMConfigError(f"VisualPRMConfig.{name} must be an integer >= {low}{extra}, got {value!r}")
+        compile_step_split(self.step_split)
         super().__post_init__()
+
+    @property
+    def step_settings(self) -> StepSettings:
+        """The PRM's step settings (`reward.step_settings`), as saved beside its weights."""
+        return StepSettings(self.step_split, self.max_steps_per_solution, self.system_prompt)
 
 
 __all__ = ["LabelMode", "OverflowAction", "PRMConfigError", "VisualPRMConfig"]

@@ -9,7 +9,8 @@ The PRM side is split as the MPO side is: `reward.prm_config` (`VisualPRMConfig`
 
 `VisualPRMTrainer` subclasses `transformers.Trainer` (TRL 1.16 has no PRM trainer) and overrides `compute_loss`
 and `prediction_step`; evaluation reports step accuracy, precision/recall/F1 of the `-` class, expected calibration
-error and Brier score of P(`+`) through `compute_metrics` (pinned to transformers 5.23's evaluation loop).
+error and Brier score of P(`+`) through `compute_metrics` (pinned to transformers 5.23's evaluation loop). Its
+`save_model` also writes the PRM's step settings (`reward.step_settings`) beside the weights of every checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ class VisualPRMTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator or PRMCollator(processing_class),
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The weights (every checkpoint and a final save), and beside them the PRM's step settings
+        (`reward.step_settings`: step_settings.json), which scoring reads."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.args.step_settings.save(output_dir or self.args.output_dir)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

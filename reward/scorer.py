@@ -36,10 +36,9 @@ from PIL import Image
 
 from rlhf.processing import InternVLChatProcessor
 
-from .formats import PRM_SYSTEM_PROMPT
-from .steps import compile_step_split, split_steps
 from .prm_data import encode_prefix, encode_steps, judgement_ids
 from .prm_losses import plus_probability
+from .step_settings import StepSettings
 
 
 class Aggregation(StrEnum):
@@ -104,25 +103,24 @@ class PRMScorer:
     """Step and solution scores of a VisualPRM-style generative PRM.
 
     `model` is an `InternVLForConditionalGeneration` (with an `InternVLChatProcessor`) or a text-only causal LM
-    (with its tokenizer); a PEFT wrapper is unwrapped. Text solutions are split with
-    `split_steps(text, max_steps_per_solution, step_split)` (`step_split`: the pattern the PRM's labels were split
-    with, if any); a list of strings is taken as the steps. `max_patches` is the tile budget per question (split
-    evenly over several images, at least one tile each; default: the processor's). `batch_size` is the number of
-    solutions (bodies) per forward.
+    (with its tokenizer); a PEFT wrapper is unwrapped. `settings` are the PRM's step settings
+    (`reward.step_settings`: read them from its checkpoint with `scoring_settings(path)`; default: `StepSettings()`,
+    the released VisualPRM's): text solutions are split with them (`StepSettings.split`), and its system prompt
+    opens every conversation; a list of strings is taken as the steps. `max_patches` is the tile budget per question
+    (split evenly over several images, at least one tile each; default: the processor's). `batch_size` is the
+    number of solutions (bodies) per forward.
     """
 
-    def __init__(self, model, processor, aggregation: Aggregation | str = Aggregation.MEAN,
-                 max_steps_per_solution: int | None = None, batch_size: int = 8,
+    def __init__(self, model, processor, aggregation: Aggregation | str = Aggregation.MEAN, batch_size: int = 8,
                  method: ScoringMethod | str = ScoringMethod.SHARED_PREFIX, max_patches: int | None = None,
-                 system: str | None = PRM_SYSTEM_PROMPT, step_split: str | None = None):
+                 settings: StepSettings | None = None):
         self.aggregation = _choice(Aggregation, aggregation, "aggregation")
         self.method = _choice(ScoringMethod, method, "method")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.processor = model, processor
-        self.max_steps_per_solution, self.system = max_steps_per_solution, system
+        self.settings = settings if settings is not None else StepSettings()
         self.batch_size, self.max_patches = batch_size, max_patches
-        self.step_split = compile_step_split(step_split)
         self.plus_id, self.minus_id = judgement_ids(processor)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.backbone, self.lm_head = base.model, base.get_output_embeddings()
@@ -134,7 +132,7 @@ class PRMScorer:
     # -- public API -----------------------------------------------------------------------------------------------
     def steps_of(self, solution: Solution) -> list[str]:
         if isinstance(solution, str):
-            return split_steps(solution, self.max_steps_per_solution, self.step_split)
+            return self.settings.split(solution)
         return list(solution)
 
     def aggregate(self, step_scores: Sequence[float]) -> float:
@@ -148,7 +146,7 @@ class PRMScorer:
         """Scores of N solutions to one question (the prefix is encoded once)."""
         steps = [self.steps_of(s) for s in solutions]
         num_tiles, pixel_values = self._pixel_values(images)
-        prefix = encode_prefix(self.processor, question, num_tiles, self.system)
+        prefix = encode_prefix(self.processor, question, num_tiles, self.settings.system_prompt)
         scorable = [i for i, s in enumerate(steps) if s]
         bodies = [encode_steps(self.processor, steps[i]) for i in scorable]
         for ids, _ in bodies:

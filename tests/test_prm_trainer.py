@@ -345,7 +345,7 @@ def test_overflow_truncates_at_a_step_boundary(tmp_path, tiny_processor):
 
 
 def test_meta_json_sources_repeat_and_tile_budget(tmp_path, tiny_processor):
-    from reward.prm_job import PRMScriptArguments, prepare_dataset
+    from reward.prm_job import PRMScriptArguments, prepare_dataset, read_dataset
 
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (300, 100)).save(tmp_path / "imgs" / "wide.png")  # 3 x 1 grid + thumbnail with 4 tiles allowed
@@ -356,7 +356,8 @@ def test_meta_json_sources_repeat_and_tile_budget(tmp_path, tiny_processor):
             "b": {"annotation": "b.jsonl", "root": "imgs", "repeat_time": 0.5, "data_augment": False}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     args = config(tmp_path, max_dynamic_patch=1)
-    rows = prepare_dataset(str(tmp_path / "meta.json"), tiny_processor, args, PRMScriptArguments(data="x"), "train")
+    script = PRMScriptArguments(data="x")
+    rows = prepare_dataset(read_dataset(tmp_path / "meta.json", script), tiny_processor, args, script, "train")
     assert len(rows) == 2 + 1  # a twice, a seeded half of b's two records
     assert [r["max_patches"] for r in rows] == [4, 4, 1]
     image_tokens = [r["input_ids"].count(tiny_processor.image_token_id) for r in rows]
@@ -364,7 +365,7 @@ def test_meta_json_sources_repeat_and_tile_budget(tmp_path, tiny_processor):
     bad = {"a": {"annotation": "missing.jsonl", "root": "imgs", "repeat_time": 0}}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(PRMDataError) as err:
-        prepare_dataset(str(tmp_path / "bad.json"), tiny_processor, args, PRMScriptArguments(data="x"), "train")
+        read_dataset(tmp_path / "bad.json", script)
     assert str(err.value).splitlines()[1:] == [
         f"  {tmp_path / 'bad.json'}: field 'a.annotation': expected an existing JSON-lines file, got 'missing.jsonl'",
         f"  {tmp_path / 'bad.json'}: field 'a.repeat_time': expected a number > 0 (2.0 repeats twice, 0.5 takes a "

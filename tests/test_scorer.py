@@ -14,6 +14,7 @@ from PIL import Image
 from reward.eval_job import best_threshold, source_macro_f1, split_heldout, step_auc, step_f1
 from reward.prm_data import encode_prefix, encode_steps, judgement_ids
 from reward.scorer import AGGREGATORS, Aggregation, PRMScorer, ScoringMethod, as_grpo_reward
+from reward.step_settings import StepSettings
 from rlhf.errors import UserError
 from tests.conftest import write_image
 
@@ -151,7 +152,7 @@ def test_aggregations_worked_numbers(model_and_processor):
 
 def test_text_solutions_are_split_with_max_steps_per_solution(model_and_processor):
     model, processor = model_and_processor
-    scorer = PRMScorer(model, processor, max_steps_per_solution=2)
+    scorer = PRMScorer(model, processor, settings=StepSettings(max_steps_per_solution=2))
     text = "a + b.\n\nc + d.\n\nAnswer: 4"  # 3 steps, max 2 -> k = 2: ["a + b.\n\nc + d.", "Answer: 4"]
     merged = scorer.score("What?", [], text)
     as_list = scorer.score("What?", [], ["a + b.\n\nc + d.", "Answer: 4"])
@@ -160,12 +161,12 @@ def test_text_solutions_are_split_with_max_steps_per_solution(model_and_processo
 
 def test_text_solutions_are_split_with_step_split(model_and_processor):
     model, processor = model_and_processor
-    scorer = PRMScorer(model, processor, step_split=r"(?<=,)(?= )")
+    scorer = PRMScorer(model, processor, settings=StepSettings(step_split=r"(?<=,)(?= )"))
     text = "a is 3, b is 4.\n\nAnswer: 7"
     assert scorer.steps_of(text) == ["a is 3,", "b is 4.", "Answer: 7"]
     assert scorer.score("What?", [], text).step_scores == scorer.score("What?", [], scorer.steps_of(text)).step_scores
     with pytest.raises(UserError, match="step_split: not a regular expression"):
-        PRMScorer(model, processor, step_split="[")
+        StepSettings(step_split="[")
 
 
 def test_text_only_model_methods_agree():
