@@ -6,16 +6,16 @@ Input (`solutions`): JSON lines, either the rollout job's output (up to `solutio
     {"id", "image" | "images" (optional), "question", "answer", "responses": [{"text", "correct", ...}, ...]}
     {"id", "image" | "images" (optional), "question", "answer", "solution": "step 1\\n\\nstep 2 ..."}
 
-Each solution is split into steps (`reward.steps.segment_steps`: blank lines, even merge above `max_steps`). For
-step i the policy continues the answer `steps[0..i]` joined by blank lines (the `assistant_prefix` of a request with
-the rollout's prompt), `num_continuations` times. `mc_prefix` (`MCPrefix`) says how that prefix ends: `internvl`
-(the default, InternVL's pipeline) with the last step and no separator, so the policy writes what follows itself;
-`blank_line` (ours, mmalign's default before) with one more blank line, so the policy starts the next step. With
-`step_split` (ours), a blank-line step is also cut at each match of that pattern, and a step ending at such a cut is
-continued from the solution text up to the cut in either style (the policy finishes the line itself); a
-continuation is correct
-when the answer extracted from prefix + continuation is judged correct (`reward.verify.judge`). The step's score
-is mc_i = correct / sampled and its label is `+` iff the score > `label_threshold` (published: 0).
+Each solution is split into steps (`reward.steps.segment_steps`: blank lines, even merge above
+`max_steps_per_solution`). For step i the policy continues the answer `steps[0..i]` joined by blank lines (the
+`assistant_prefix` of a request with the rollout's prompt), `num_continuations` times. `mc_prefix` (`MCPrefix`)
+says how that prefix ends: `internvl` (the default, InternVL's pipeline) with the last step and no separator, so the
+policy writes what follows itself; `blank_line` (ours, mmalign's default before) with one more blank line, so the
+policy starts the next step. With `step_split` (ours), a blank-line step is also cut at each match of that pattern,
+and a step ending at such a cut is continued from the solution text up to the cut in either style (the policy
+finishes the line itself); a continuation is correct when the answer extracted from prefix + continuation is judged
+correct (`reward.verify.judge`). The step's score is mc_i = correct / sampled and its label is `+` iff the score >
+`label_threshold` (published: 0).
 
 Modes (`LabelMode`):
 
@@ -55,14 +55,18 @@ one solution, id `{question id}#{response index}`, committed whole or not at all
     mc.jsonl             raw Monte Carlo records (`reward.formats.MCRecord`): {"id", "image", "question", "answer",
                          "steps_with_score": [{"step", "score", "num_mc_correct", "num_mc_total"}], "question_id",
                          "solution_index", "response", "response_correct", "mc_mode", "early_stop",
-                         "num_continuations", "label_threshold", "num_continuations_sampled", "num_generated_tokens"}
+                         "num_continuations", "label_threshold", "num_continuations_sampled", "num_generated_tokens",
+                         "step_settings": {"step_split", "max_steps_per_solution"}}
     visualprm.jsonl      the VisualPRM400K conversations (`reward.formats.ConversationRecord`), rebuilt from mc.jsonl,
-                         image paths relative to meta.json's root
+                         image paths relative to meta.json's root, each with its "step_settings"
     meta.json            InternVL's meta file for it: {name: {"annotation": "visualprm.jsonl", "root": the folder
                          holding every image, relative to output_dir, "repeat_time": 1}}: `mmalign prm --data` it
     label_summary.json   solutions, steps, share of `+` steps, continuations sampled (and what faithful would
                          sample), generated tokens
     label_steps_settings.json   the settings that shape the records; a resumed run must use the same ones
+
+Every record says how its solution was cut into steps (`"step_settings"`, `reward.step_settings`): `mmalign prm`
+checks that its data agree on them, saves them with the PRM, and the PRM's scoring cuts text the same way.
 
 Train soft-label PRMs on the scores of faithful runs only; adaptive and search scores serve the hard labels. Image
 paths in mc.jsonl are relative to `output_dir`; in visualprm.jsonl to meta.json's root (the PRM job confines every
@@ -80,7 +84,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from reward.steps import compile_step_split
+from reward.step_settings import RECORD_KEY as STEP_SETTINGS_KEY, StepSettings
 from rlhf.errors import UserError
 from rlhf.jobs.runner import Failure, JobInputError, item_seed
 from rlhf.jobs.settings import check_settings, refuse_changed
@@ -452,9 +456,8 @@ def with_placeholders(question: str, n_images: int) -> str:
 @dataclass
 class LabelSettings:
     mc: MCSettings
-    max_steps: int
+    steps: StepSettings  # its segmentation cuts the solutions and goes into every record (not its system prompt)
     backend: BackendArguments
-    step_split: str | None = None
     mc_prefix: MCPrefix = MCPrefix.INTERNVL
 
 
@@ -470,8 +473,6 @@ class LabelStepsWorker:
         return {"settings": self.settings, "backend": None}
 
     def __call__(self, items: list[SolutionItem]) -> list[dict | Failure]:
-        from reward.steps import segment_steps
-
         from rlhf.data import ImageLoadError
 
         if self.backend is None:
@@ -479,7 +480,7 @@ class LabelStepsWorker:
         outcomes: dict[str, dict | Failure] = {}
         tasks, asked = [], []
         for item in items:
-            steps = segment_steps(item.text, self.settings.max_steps, self.settings.step_split)
+            steps = self.settings.steps.segment(item.text)
             if not steps:
                 outcomes[item.id] = Failure(item.id, "the solution is empty (no steps to label)")
                 continue
@@ -514,8 +515,7 @@ class LabelStepsWorker:
             meta["searched_steps"] = result.searched
         if result.applied is not None:  # a server backend: the sampling fields it was sent after adapting to it
             meta["sampling_applied"] = result.applied
-        if self.settings.step_split:
-            meta["step_split"] = self.settings.step_split
+        meta[STEP_SETTINGS_KEY] = self.settings.steps.segmentation()  # the PRM job checks and keeps them
         question = with_placeholders(item.question.question, len(item.record_images))
         return MCRecord(question=question, steps=steps, images=list(item.record_images), id=item.id,
                         answer=item.question.answer, meta=meta).to_json()
@@ -580,11 +580,10 @@ def write_outputs(output_dir: str | Path) -> LabelSummary:
     for r in records:
         threshold = r.meta.get("label_threshold", 0.0)
         labels = [hard_label(s.score, threshold) for s in r.steps]
+        kept = {key: r.meta[key] for key in ("prompt_template", STEP_SETTINGS_KEY) if r.meta.get(key)}
         conversations.append(ConversationRecord(question=r.question, steps=[s.step for s in r.steps], labels=labels,
                                                 images=list(r.images), id=r.id,
-                                                meta={"mc_mode": r.meta.get("mc_mode"),
-                                                      **({"prompt_template": r.meta["prompt_template"]}
-                                                         if r.meta.get("prompt_template") else {})}))
+                                                meta={"mc_mode": r.meta.get("mc_mode"), **kept}))
         summary.solutions += 1
         summary.steps += len(labels)
         summary.positive_steps += sum(labels)
@@ -619,7 +618,8 @@ class LabelStepsArguments:
         "help": "Root of relative image paths (default: the record's image_root, else the file's folder)."})
     solutions_per_question: int = field(default=4, metadata={"help": "Responses labelled per question (published: "
                                                                      "4, sampled at temperature 1.0)."})
-    max_steps: int = field(default=12, metadata={"help": "More steps are merged evenly (12; 16 for InternVL3)."})
+    max_steps_per_solution: int = field(default=12, metadata={
+        "help": "More steps are merged evenly (12; 16 for InternVL3). Train and score the PRM with the same."})
     step_split: str | None = field(default=None, metadata={
         "help": "Ours: a regular expression that also ends a step at each match inside a blank-line step, e.g. "
                 "'(?<=,)(?= )|(?= and )' for one step per listed value (score with the same pattern)."})
@@ -646,7 +646,7 @@ class LabelStepsArguments:
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt (default: the rollout's)."})
 
     def __post_init__(self) -> None:  # the Monte Carlo settings are checked by MCSettings
-        for name in ("solutions_per_question", "max_steps"):
+        for name in ("solutions_per_question", "max_steps_per_solution"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.mode = _mode(self.mode).value
@@ -654,7 +654,11 @@ class LabelStepsArguments:
             self.mc_prefix = MCPrefix(self.mc_prefix).value
         except ValueError:
             raise UserError(f"mc_prefix must be one of {', '.join(MCPrefix)}, got {self.mc_prefix!r}") from None
-        compile_step_split(self.step_split)
+        self.step_settings()  # step_split checked, one line
+
+    def step_settings(self) -> StepSettings:
+        """How the solutions are cut into steps, as every record says (`reward.step_settings`)."""
+        return StepSettings(self.step_split, self.max_steps_per_solution)
 
     def mc_settings(self, sampling: SamplingArguments) -> MCSettings:
         return MCSettings(self.num_continuations, LabelMode(self.mode), self.early_stop, self.first_round,
@@ -678,8 +682,7 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     items = [replace(item, record_images=_record_images(item, output_dir)) for item in items]
-    settings = LabelSettings(args.mc_settings(sampling), args.max_steps, backend_args, args.step_split or None,
-                             MCPrefix(args.mc_prefix))
+    settings = LabelSettings(args.mc_settings(sampling), args.step_settings(), backend_args, MCPrefix(args.mc_prefix))
     where = ("solutions", "image_root", "solutions_per_question")  # which input, not how its records are made
     fingerprint = {k: v for k, v in asdict(args).items() if k not in where} | {"sampling": asdict(sampling)}
     fingerprint["backend"] = {"backend": backend_args.backend, **backend_args.kwargs()}

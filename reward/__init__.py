@@ -1,5 +1,14 @@
 """mmalign's process reward model: formats, answer verification, PRM training and scoring.
 
+- `verify`: answer extraction and judging; `formats`: the PRM record kinds; `prompts`: question templates;
+- `steps`: a solution's steps (blank lines, `step_split` cuts, the even merge `merge_steps`); `step_settings`: the
+  `StepSettings` (step split, step limit, system prompt) that label-steps records, PRM training checks and saves
+  beside the weights, and scoring reads from the checkpoint;
+- the PRM, split by concept as the MPO side is: `prm_data` (token layout), `prm_config` (`VisualPRMConfig`),
+  `prm_losses` (P(+) and the token losses, pure), `prm_head` (the position-only LM head), `prm_collator` (rows and
+  batches), `prm_metrics` (step metrics, pure), `prm_trainer` (`VisualPRMTrainer`), `prm_job` (`mmalign prm`);
+- `scorer` (`PRMScorer`, the GRPO reward), `bon` / `bon_job` (`mmalign bon`), `eval_job` (`mmalign eval-prm`).
+
 `import reward` stays light: the public names below are imported from their module on first use.
 """
 
@@ -10,9 +19,10 @@ from typing import Any
 
 # public name -> module (relative to this package) that defines it
 _LAZY: dict[str, str] = {
-    "VisualPRMConfig": ".prm_trainer",
+    "VisualPRMConfig": ".prm_config",
     "VisualPRMTrainer": ".prm_trainer",
     "PRMScorer": ".scorer",
+    "StepSettings": ".step_settings",
     "as_grpo_reward": ".scorer",
     "split_steps": ".formats",
     "to_visualprm_conversation": ".formats",

@@ -25,9 +25,9 @@ The job runs in two phases.
    local process writes (`rlhf.jobs.ray_executor`). These are the data jobs' `RunnerArguments`
    (`rlhf.jobs.settings`), with their meaning and checks, `--resume false` included (old files moved to *.bak).
    On a cluster the data files and images must be at the same paths on every node. A resumed run refuses (one
-   line) a folder scored with other PRM settings (`bon_settings.json`: model, aggregation, method, max_steps,
-   step_split, system_prompt, max_patches, dtype, trust_remote_code, seed) or a question whose text, images or
-   responses changed since its line was written.
+   line) a folder scored with other PRM settings (`bon_settings.json`: model, aggregation, method, the PRM's step
+   settings, max_patches, dtype, trust_remote_code, seed) or a question whose text, images or responses changed
+   since its line was written.
 2. Best-of-N, from scores.jsonl and the input: `selected.jsonl` (per question: the selected response and every
    response's step and solution scores), `bon_metrics.json` (its `scoring` adds up the questions' `scoring`),
    `bon_table.md` and `bon_curve.png` (see `reward.bon` for the definitions): the numbers a single pass of the PRM
@@ -36,6 +36,12 @@ The job runs in two phases.
 
 A bad record stops the job with one line `file:line: field ...: expected ...`; with `--skip_invalid true` bad
 records go to `rejects.jsonl` with their error and the job goes on.
+
+The PRM's step settings (`step_split`, `max_steps_per_solution`, `system_prompt`: `reward.step_settings`) come from
+its checkpoint's step_settings.json, which `mmalign prm` saves. The flags of the same names may only repeat them: one
+that disagrees stops the job with one line before any scoring. A checkpoint without the file is scored with the
+flags given and the defaults (no step_split, no step limit, the published system prompt) for the rest, with a
+warning.
 """
 
 from __future__ import annotations
@@ -48,17 +54,18 @@ from typing import Any, Iterator
 
 from rlhf.errors import UserError
 
-from .formats import PRM_SYSTEM_PROMPT, FormatError
+from .formats import FormatError
 from .scorer import Aggregation, ScoringMethod
-from .steps import compile_step_split
+from .step_settings import StepSettings, scoring_settings
 
 logger = logging.getLogger("mmalign.bon")
 REJECTS_FILE = "rejects.jsonl"
 SCORES_NAME = "scores"  # scores.jsonl: the scoring phase's resumable work (rlhf.jobs.runner)
 SETTINGS_FILE = "bon_settings.json"
-# the ScorerArguments that change what the PRM gives (not how fast: batch_size, device); a resume must keep them
-SCORE_SETTINGS = ("model_name_or_path", "aggregation", "method", "max_steps", "step_split", "system_prompt",
-                  "max_patches", "dtype", "trust_remote_code", "seed")
+# the ScorerArguments that change what the PRM gives (not how fast: batch_size, device); a resume must keep them,
+# and the PRM's step settings (`step_settings`)
+SCORE_SETTINGS = ("model_name_or_path", "aggregation", "method", "max_patches", "dtype", "trust_remote_code", "seed")
+STEP_FLAGS = ("step_split", "max_steps_per_solution", "system_prompt")  # may only repeat the checkpoint's
 OUTPUT_FILES = ("selected.jsonl", "bon_metrics.json", "bon_table.md", "bon_curve.png")  # made from scores.jsonl
 INPUT_FIELDS = "question, images or responses"  # what refuse_changed names when a scored question changed
 GROUND_TRUTH_KEYS = ("answer", "answer_gt")
@@ -78,12 +85,15 @@ class ScorerArguments:
         "help": f"Step scores -> solution score: {', '.join(Aggregation)}."})
     method: str = field(default=ScoringMethod.SHARED_PREFIX.value, metadata={
         "help": f"How the PRM runs (same scores, different cost): {', '.join(ScoringMethod)}."})
-    max_steps: int | None = field(default=None, metadata={"help": "Merge steps evenly beyond this many."})
+    max_steps_per_solution: int | None = field(default=None, metadata={
+        "help": "More steps of a text solution are merged evenly (default: the PRM's step_settings.json; given, it "
+                "must agree)."})
     step_split: str | None = field(default=None, metadata={
-        "help": "Ours: the pattern that also ended steps inside blank-line steps in the PRM's labels (label-steps "
-                "--step_split), so text solutions are split as the PRM learned them."})
-    system_prompt: str = field(default=PRM_SYSTEM_PROMPT, metadata={
-        "help": "The PRM's system turn, as it was trained (default: the published PRM prompt); '' for none."})
+        "help": "Ours: the pattern that also ends steps inside blank-line steps (default: the PRM's "
+                "step_settings.json; given, it must agree; '' for none)."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "The PRM's system turn (default: the PRM's step_settings.json, else the published PRM prompt; "
+                "given, it must agree; '' for none)."})
     batch_size: int = field(default=8, metadata={"help": "Solutions per forward pass."})
     max_patches: int | None = field(default=None, metadata={"help": "Tile budget per question (default: the "
                                                                       "processor's)."})
@@ -101,7 +111,7 @@ class ScorerArguments:
                 raise UserError(f"{name} must be one of {', '.join(enum)}, got {getattr(self, name)!r}")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        compile_step_split(self.step_split)
+        StepSettings(**{name: getattr(self, name) for name in STEP_FLAGS})  # each flag checked, one line
 
 
 @dataclass
@@ -257,6 +267,11 @@ def read_records(paths: list[str], image_root: str | None, *, skip_invalid: bool
     return records
 
 
+def step_settings(args: ScorerArguments) -> StepSettings:
+    """The PRM's step settings: its checkpoint's, which the flags may only repeat (`scoring_settings`)."""
+    return scoring_settings(args.model_name_or_path, **{name: getattr(args, name) for name in STEP_FLAGS})
+
+
 def load_scorer(args: ScorerArguments):
     import torch
 
@@ -264,13 +279,13 @@ def load_scorer(args: ScorerArguments):
 
     from .scorer import PRMScorer
 
+    settings = step_settings(args)  # a flag that disagrees with the checkpoint: one line before loading it
     model, processor = load_model_and_processor(args.model_name_or_path, dtype=args.dtype, seed=args.seed,
                                                 trust_remote_code=args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
-    return PRMScorer(model, processor, aggregation=args.aggregation, max_steps=args.max_steps,
-                     batch_size=args.batch_size, method=args.method, max_patches=args.max_patches,
-                     step_split=args.step_split, system=args.system_prompt or None)
+    return PRMScorer(model, processor, aggregation=args.aggregation, batch_size=args.batch_size, method=args.method,
+                     max_patches=args.max_patches, settings=settings)
 
 
 def parse(argv: list[str], cls=ScorerArguments, prog: str = "mmalign bon"):
@@ -328,12 +343,13 @@ def score_questions(records: list[BoNRecord], args: ScorerArguments, runner, *, 
 
     out = Path(args.output_dir)
     items = [r.scoring_item() for r in records]
-    check_settings(out, SETTINGS_FILE, {k: getattr(args, k) for k in SCORE_SETTINGS}, runner.resume)
+    if scorer is None:
+        check_model_path(args.model_name_or_path)  # a model folder mistake: one line before any work
+    settings = {k: getattr(args, k) for k in SCORE_SETTINGS} | {"step_settings": step_settings(args).to_json()}
+    check_settings(out, SETTINGS_FILE, settings, runner.resume)
     if runner.resume:
         refuse_changed(out, SCORES_NAME, {str(i["id"]): {INPUT_FIELDS: _input_sha(i)} for i in items},
                        lambda row, _: {INPUT_FIELDS: row.get("input_sha")})
-    if scorer is None:
-        check_model_path(args.model_name_or_path)  # a model folder mistake: one line before any work
     for name in OUTPUT_FILES:  # an earlier run's: made anew from scores.jsonl after this, or not at all
         (out / name).unlink(missing_ok=True)
     run_job(items, ScoreWorker(args, scorer), out, name=SCORES_NAME, batch_size=1, desc="bon",

@@ -9,7 +9,12 @@ The source of a row is its `source` (or `data_source`) key, else its file's name
 per source). The threshold is fixed (`threshold`, default 0.5) or chosen on held-out data: `threshold_data`
 (separate files) or `threshold_split_ratio` (that fraction of the solutions of every source, drawn with
 `split_seed`). The chosen threshold maximises the source-averaged macro-F1 on the held-out data (`best_threshold`);
-evaluation then runs on the rest. Writes `prm_eval.json`, `prm_eval.md` and `prm_scores.jsonl`.
+evaluation then runs on the rest. Writes `prm_eval.json` (with the step settings scored with), `prm_eval.md` and
+`prm_scores.jsonl`.
+
+The rows give their steps, so only the PRM's system prompt of its step settings shapes what it sees; the settings
+come from its checkpoint as in `mmalign bon` (`reward.step_settings`: `--system_prompt`, `--step_split` and
+`--max_steps_per_solution` may only repeat them).
 """
 
 from __future__ import annotations
@@ -196,7 +201,7 @@ def main(argv: list[str]) -> int:
                  if args.threshold_data else [])
     scorer = load_scorer(args)
     scores = score_rows(scorer, rows)
-    summary: dict[str, Any] = {"model": args.model_name_or_path}
+    summary: dict[str, Any] = {"model": args.model_name_or_path, "step_settings": scorer.settings.to_json()}
     evaluate = list(range(len(rows)))
     if args.threshold_data:
         held = by_source(held_rows, score_rows(scorer, held_rows), range(len(held_rows)))

@@ -8,17 +8,22 @@ VisualPRM400K ships: `{name: {"annotation": jsonl, "root": image folder, "repeat
 "max_dynamic_patch": int}}`, relative paths resolving against its folder (label-steps writes one beside its
 visualprm.jsonl). Every bad record is reported, all at
 once, before training.
+
+Step settings (`reward.step_settings`): records made by label-steps say how their solutions were cut into steps
+(`"step_settings"`). Every record of the train and eval data that says so must agree with the others and with
+`--step_split` / `--max_steps_per_solution` when given (not given: the data's), else the job stops with one line
+naming the file, the line and the field, before the model loads. The settings, with `--system_prompt`, are saved
+beside the weights (step_settings.json) of every checkpoint and of `final/`, where scoring reads them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rlhf.errors import UserError
 
@@ -33,9 +38,10 @@ from .formats import (
     mc_to_stepwise,
     parse_jsonl_line,
 )
-from .prm_trainer import OverflowAction, VisualPRMConfig
+from .prm_config import OverflowAction, VisualPRMConfig
 from .prompts import prm_question
-from .steps import join_steps
+from .step_settings import SEGMENTATION, StepSettings, data_segmentation
+from .steps import merge_steps
 
 logger = logging.getLogger("mmalign.prm")
 FORMAT_FIELD = "data_format"
@@ -158,19 +164,6 @@ def record_example(record) -> tuple[str, list[str], list[bool] | list[float], li
     return record.question, list(record.steps), list(record.labels), list(record.images)
 
 
-def merge_steps(steps: list[str], labels: list, max_steps: int | None) -> tuple[list[str], list]:
-    """`split_steps`' even merge (`k = ceil(n / max_steps)` consecutive steps joined by a blank line). A merged step
-    takes the label of its last step: it is correct up to there exactly when that step is, and its Monte Carlo
-    prefix is that step's prefix. Steps cut with a `step_split` pattern are rejoined here by a blank line, not by
-    the text between them as the scorer's split does: label them with label-steps `max_steps` <= this one (the
-    demo uses 12 for both), so no record is merged again."""
-    if max_steps is None or len(steps) <= max_steps:
-        return steps, labels
-    k = math.ceil(len(steps) / max_steps)
-    starts = range(0, len(steps), k)
-    return [join_steps(steps[i:i + k]) for i in starts], [labels[min(i + k, len(steps)) - 1] for i in starts]
-
-
 @dataclass
 class PRMSource:
     """One annotation file and how to use it (a meta.json entry, or the data file itself)."""
@@ -234,7 +227,7 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
     solutions over `args.max_length` are handled as `args.on_overflow` says, and reported."""
     from rlhf.data import image_problem, resolve_image
 
-    from .prm_trainer import encode_row
+    from .prm_collator import encode_row
 
     confined = image_root is not None  # a folder given (--image_root, a meta.json root)
     root = Path(image_root) if image_root is not None else Path(path).parent
@@ -251,7 +244,15 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
         if args.reward_level == "outcome":  # InternVL's ORM rows: the whole solution, judged by its last step
             response = getattr(record, "meta", {}).get("response")
             steps, labels = outcome_example(steps, labels, response if isinstance(response, str) else None)
-        steps, labels = merge_steps(steps, labels, args.max_steps_per_solution)
+        limit = args.max_steps_per_solution
+        if args.step_split and limit is not None and len(steps) > limit:
+            problems.append(f"{where}: {len(steps)} steps > max_steps_per_solution {limit}, cut with step_split "
+                            f"{args.step_split!r}: merged here they would be joined by blank lines, not by the "
+                            f"solution text between them as scoring joins them; label with max_steps_per_solution "
+                            f"<= {limit}")
+            continue
+        steps, last = merge_steps(steps, limit)  # a merged step: its last step's label
+        labels = [labels[i] for i in last]
         try:  # one rule for every reader: inside the image root (default: the data file's folder)
             resolved = [str(resolve_image(root, p)) for p in images]
         except ValueError as err:
@@ -298,16 +299,52 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
     return rows
 
 
-def prepare_dataset(path: str, processing_class, args: VisualPRMConfig, script: PRMScriptArguments, split: str):
-    """Read, check (every record of every source, before the first step), tokenize and repeat one data set."""
+@dataclass
+class PRMData:
+    """One data path, read: the records of every source that read cleanly, and the problems found so far."""
+
+    path: str
+    sources: list[tuple[PRMSource, list[tuple[int, Any]]]]
+    problems: list[str]
+
+    def located_meta(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """("file:line", meta) of every record."""
+        for source, records in self.sources:
+            for line_no, record in records:
+                yield f"{source.annotation}:{line_no}", getattr(record, "meta", None) or {}
+
+
+def read_dataset(path: str | Path, script: PRMScriptArguments) -> PRMData:
+    """Every record of every source of one data path (a bad meta.json raises `PRMDataError` at once; bad records
+    are kept as problems, reported with the rows' by `prepare_dataset`)."""
+    sources, problems = [], []
+    for source in read_sources(path, script.image_root):
+        try:
+            sources.append((source, read_prm_records(source.annotation, script.data_format)))
+        except PRMDataError as err:
+            problems += err.problems
+    return PRMData(str(path), sources, problems)
+
+
+def resolve_step_settings(datasets: list[PRMData], args: VisualPRMConfig) -> StepSettings:
+    """The step settings of the data (`reward.step_settings.data_segmentation`: the records' and the given ones
+    must agree, else one line), written into `args` (`step_split`, `max_steps_per_solution`) for the rows and the
+    checkpoint."""
+    found = data_segmentation((x for data in datasets for x in data.located_meta()),
+                              {name: getattr(args, name) for name in SEGMENTATION})
+    args.step_split, args.max_steps_per_solution = found["step_split"], found["max_steps_per_solution"]
+    return args.step_settings
+
+
+def prepare_dataset(data: PRMData, processing_class, args: VisualPRMConfig, script: PRMScriptArguments, split: str):
+    """Check (every record of every source, before the first step), tokenize and repeat one data set."""
     from datasets import Dataset
 
     from rlhf.data import repeat_records
 
-    rows, problems = [], []
-    for source in read_sources(path, script.image_root):
+    rows, problems = [], list(data.problems)
+    for source, records in data.sources:
         try:
-            records = read_prm_records(source.annotation, script.data_format)
             built = build_rows(source.annotation, records, processing_class, args, source.image_root,
                                source.max_dynamic_patch)
         except PRMDataError as err:
@@ -317,9 +354,9 @@ def prepare_dataset(path: str, processing_class, args: VisualPRMConfig, script: 
     if problems:
         raise PRMDataError(problems)
     if not rows:
-        raise UserError(f"{path}: no trainable solutions left (all longer than max_length {args.max_length})")
+        raise UserError(f"{data.path}: no trainable solutions left (all longer than max_length {args.max_length})")
     logger.info("%s: %d solutions, %d steps from %s", split, len(rows),
-                sum(len(r["judgement_positions"]) for r in rows), path)
+                sum(len(r["judgement_positions"]) for r in rows), data.path)
     return Dataset.from_list(rows)
 
 
@@ -335,8 +372,8 @@ def parse(argv: list[str]):
 
 
 def save_final(trainer, processing_class, path: Path) -> None:
-    """Model (safetensors) + processor, from the main process; under DeepSpeed ZeRO-3 the full state dict is
-    gathered first (a collective call: every rank takes part)."""
+    """Model (safetensors) + processor + the step settings (step_settings.json), from the main process; under
+    DeepSpeed ZeRO-3 the full state dict is gathered first (a collective call: every rank takes part)."""
     from rlhf.models import save_model_and_processor
 
     state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed) if trainer.is_deepspeed_enabled else None
@@ -347,6 +384,7 @@ def save_final(trainer, processing_class, path: Path) -> None:
     else:
         trainer.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
         processing_class.save_pretrained(path)
+    trainer.args.step_settings.save(path)
 
 
 def main(argv: list[str]) -> int:
@@ -359,6 +397,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if model_args.use_peft:
         raise UserError("LoRA/PEFT is not supported by the PRM job yet; train the full model (drop --use_peft)")
+    train_data = read_dataset(script.data, script)
+    eval_data = read_dataset(script.eval_data, script) if script.eval_data else None
+    settings = resolve_step_settings([train_data, *([eval_data] if eval_data else [])], args)
+    logger.info("step settings: %s", settings.describe())
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, processing_class = load_model_and_processor(
@@ -366,9 +408,8 @@ def main(argv: list[str]) -> int:
         seed=args.seed)
     plus, minus = judgement_ids(processing_class)  # JudgementTokenError (one line) when not single tokens
     logger.info("judgement tokens: '+' = %d, '-' = %d", plus, minus)
-    train = prepare_dataset(script.data, processing_class, args, script, "train")
-    evaluation = prepare_dataset(script.eval_data, processing_class, args, script, "eval") if script.eval_data \
-        else None
+    train = prepare_dataset(train_data, processing_class, args, script, "train")
+    evaluation = prepare_dataset(eval_data, processing_class, args, script, "eval") if eval_data else None
     trainer = VisualPRMTrainer(model, args=args, train_dataset=train, eval_dataset=evaluation,
                                processing_class=processing_class)
     metrics: dict[str, dict[str, float]] = {}

@@ -1,8 +1,9 @@
 """Scoring solutions with a generative process reward model (reference section 3, "Scoring").
 
-A step's score is P(`+`) after a softmax over the two logits {`+`, `-`} at the position where the assistant's
-answer to that step begins (the last token of `<|im_start|>assistant\\n`, just before the judgement token). That
-position sees only earlier tokens, so the judgement written after it does not matter: every step is written as `+`.
+A step's score is P(`+`) after a softmax over the two logits {`+`, `-`} (`reward.prm_losses.plus_probability`, the
+function training's metrics use) at the position where the assistant's answer to that step begins (the last token
+of `<|im_start|>assistant\\n`, just before the judgement token). That position sees only earlier tokens, so the
+judgement written after it does not matter: every step is written as `+`.
 
 Three ways to compute the same numbers (`ScoringMethod`):
 
@@ -14,7 +15,7 @@ Three ways to compute the same numbers (`ScoringMethod`):
 - `per_step`: the first released scorer: one forward per step prefix, reading its last position.
 
 In every method the LM head runs only at the judgement positions: the backbone's hidden states are gathered there,
-projected by the LM head, and only the `+`/`-` columns are kept; no (batch, seq, vocab) logits tensor is made.
+projected by the LM head, and only the `+`/`-` columns are read; no (batch, seq, vocab) logits tensor is made.
 
 `as_grpo_reward(scorer)` wraps a scorer as a TRL `GRPOTrainer` reward function.
 """
@@ -35,9 +36,9 @@ from PIL import Image
 
 from rlhf.processing import InternVLChatProcessor
 
-from .formats import PRM_SYSTEM_PROMPT
-from .steps import compile_step_split, split_steps
 from .prm_data import encode_prefix, encode_steps, judgement_ids
+from .prm_losses import plus_probability
+from .step_settings import StepSettings
 
 
 class Aggregation(StrEnum):
@@ -102,24 +103,24 @@ class PRMScorer:
     """Step and solution scores of a VisualPRM-style generative PRM.
 
     `model` is an `InternVLForConditionalGeneration` (with an `InternVLChatProcessor`) or a text-only causal LM
-    (with its tokenizer); a PEFT wrapper is unwrapped. Text solutions are split with
-    `split_steps(text, max_steps, step_split)` (`step_split`: the pattern the PRM's labels were split with, if any);
-    a list of strings is taken as the steps. `max_patches` is the tile budget per question (split evenly over
-    several images, at least one tile each; default: the processor's). `batch_size` is the number of solutions
-    (bodies) per forward.
+    (with its tokenizer); a PEFT wrapper is unwrapped. `settings` are the PRM's step settings
+    (`reward.step_settings`: read them from its checkpoint with `scoring_settings(path)`; default: `StepSettings()`,
+    the released VisualPRM's): text solutions are split with them (`StepSettings.split`), and its system prompt
+    opens every conversation; a list of strings is taken as the steps. `max_patches` is the tile budget per question
+    (split evenly over several images, at least one tile each; default: the processor's). `batch_size` is the
+    number of solutions (bodies) per forward.
     """
 
-    def __init__(self, model, processor, aggregation: Aggregation | str = Aggregation.MEAN,
-                 max_steps: int | None = None, batch_size: int = 8,
+    def __init__(self, model, processor, aggregation: Aggregation | str = Aggregation.MEAN, batch_size: int = 8,
                  method: ScoringMethod | str = ScoringMethod.SHARED_PREFIX, max_patches: int | None = None,
-                 system: str | None = PRM_SYSTEM_PROMPT, step_split: str | None = None):
+                 settings: StepSettings | None = None):
         self.aggregation = _choice(Aggregation, aggregation, "aggregation")
         self.method = _choice(ScoringMethod, method, "method")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.processor = model, processor
-        self.max_steps, self.batch_size, self.max_patches, self.system = max_steps, batch_size, max_patches, system
-        self.step_split = compile_step_split(step_split)
+        self.settings = settings if settings is not None else StepSettings()
+        self.batch_size, self.max_patches = batch_size, max_patches
         self.plus_id, self.minus_id = judgement_ids(processor)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.backbone, self.lm_head = base.model, base.get_output_embeddings()
@@ -131,7 +132,7 @@ class PRMScorer:
     # -- public API -----------------------------------------------------------------------------------------------
     def steps_of(self, solution: Solution) -> list[str]:
         if isinstance(solution, str):
-            return split_steps(solution, self.max_steps, self.step_split)
+            return self.settings.split(solution)
         return list(solution)
 
     def aggregate(self, step_scores: Sequence[float]) -> float:
@@ -145,7 +146,7 @@ class PRMScorer:
         """Scores of N solutions to one question (the prefix is encoded once)."""
         steps = [self.steps_of(s) for s in solutions]
         num_tiles, pixel_values = self._pixel_values(images)
-        prefix = encode_prefix(self.processor, question, num_tiles, self.system)
+        prefix = encode_prefix(self.processor, question, num_tiles, self.settings.system_prompt)
         scorable = [i for i, s in enumerate(steps) if s]
         bodies = [encode_steps(self.processor, steps[i]) for i in scorable]
         for ids, _ in bodies:
@@ -244,8 +245,7 @@ class PRMScorer:
         self._count(1, len(rows), sum(map(len, rows)), ids.numel(), pixel_values)
         row_idx = torch.tensor([i for i, r in enumerate(reads) for _ in r], device=dev)
         col_idx = torch.tensor([p for r in reads for p in r], device=dev)
-        logits = self.lm_head(hidden[row_idx, col_idx])[:, [self.plus_id, self.minus_id]].float()
-        plus = torch.softmax(logits, dim=-1)[:, 0].tolist()
+        plus = plus_probability(self.lm_head(hidden[row_idx, col_idx]), self.plus_id, self.minus_id).tolist()
         out, start = [], 0
         for r in reads:
             out.append(plus[start:start + len(r)])

@@ -1,5 +1,6 @@
-"""Steps of a solution (reference section 3): blank-line splitting, the even merge above `max_steps`, and, ours, finer
-step boundaries inside a blank-line step.
+"""Steps of a solution (reference section 3): blank-line splitting, the even merge above `max_steps_per_solution`
+(`merge_steps`, the one merge rule: the scorer's split and the PRM job's rows both use it), and, ours, finer step
+boundaries inside a blank-line step.
 
 The published steps are the blank-line separated pieces of a solution. Some solutions state several checkable facts
 in one such piece ("The tiles show 3, 7, 5 and 9."), and a process reward model learns far more from one judgement
@@ -53,20 +54,44 @@ def compile_step_split(pattern: str | re.Pattern | None, name: str = "step_split
     return pattern
 
 
-def segment_steps(text: str, max_steps: int | None = None,
+def merge_steps(steps: Sequence[str], max_steps_per_solution: int | None,
+                gaps: Sequence[str] | None = None) -> tuple[list[str], list[int]]:
+    """The even merge above `max_steps_per_solution` (reference section 3), the one rule wherever steps are merged.
+
+    With n > max steps, `k = ceil(n / max)` consecutive steps become one: 13 steps with a maximum of 12 give k=2 and
+    7 steps. A merged step is its steps joined by the text between them in the solution (`gaps[i]` follows step i;
+    default one blank line, what separates blank-line steps) and ends where its last step ends, so it takes that
+    step's label and Monte Carlo prefix. Returns (the merged steps, the index of each one's last step); with
+    n <= max (or no maximum, None) the steps come back unchanged.
+    """
+    limit = max_steps_per_solution
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"split_steps: max_steps_per_solution must be a positive integer or None, got {limit!r}")
+    n = len(steps)
+    gaps = [STEP_SEPARATOR] * max(n - 1, 0) if gaps is None else list(gaps)
+    if len(gaps) != max(n - 1, 0):
+        raise ValueError(f"merge_steps: {n} steps need {max(n - 1, 0)} gaps, got {len(gaps)}")
+    k = 1 if limit is None or n <= limit else math.ceil(n / limit)
+    merged, last = [], []
+    for start in range(0, n, k):
+        end = min(start + k, n) - 1
+        merged.append("".join(steps[i] + gaps[i] for i in range(start, end)) + steps[end])
+        last.append(end)
+    return merged, last
+
+
+def segment_steps(text: str, max_steps_per_solution: int | None = None,
                   step_split: str | re.Pattern | None = None) -> list[Step]:
     """The steps of a solution with their Monte Carlo prefixes.
 
     The solution is split on blank lines (runs of them, whitespace-only lines and `\\r\\n` endings count as one
     separator; pieces are stripped, empty ones dropped); with `step_split`, each piece is cut again at every match
-    of the pattern (empty parts dropped). With more than `max_steps` steps, `k = ceil(n / max_steps)` consecutive
-    steps become one, whose text is the solution text they span (blank-line pieces joined by one blank line) and
-    whose prefix is the last one's: 13 steps with max_steps=12 give k=2 and 7 steps.
+    of the pattern (empty parts dropped). With more than `max_steps_per_solution` steps they are merged evenly
+    (`merge_steps`): a merged step's text is the solution text its steps span (blank-line pieces joined by one blank
+    line) and its prefix is the last one's: 13 steps with max_steps_per_solution=12 give k=2 and 7 steps.
     """
     if not isinstance(text, str):
         raise TypeError(f"split_steps: text must be a string, got {type(text).__name__}")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"split_steps: max_steps must be a positive integer or None, got {max_steps!r}")
     pattern = compile_step_split(step_split)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     blocks = [piece.strip() for piece in STEP_BREAK.split(text)]
@@ -85,20 +110,23 @@ def segment_steps(text: str, max_steps: int | None = None,
                 spans[-1] = (*spans[-1][:2], offset + cut_end)
             start = max(start, cut_end)
         offset += len(block) + len(STEP_SEPARATOR)
-    k = 1 if max_steps is None or len(spans) <= max_steps else math.ceil(len(spans) / max_steps)
-    groups = [spans[i:i + k] for i in range(0, len(spans), k)]
-    return [Step(normal[g[0][0]:g[-1][1]], normal[:g[-1][2]]) for g in groups]
+    texts = [normal[a:b] for a, b, _ in spans]
+    gaps = [normal[spans[i][1]:spans[i + 1][0]] for i in range(len(spans) - 1)]  # the text between two steps
+    merged, last = merge_steps(texts, max_steps_per_solution, gaps)
+    return [Step(t, normal[:spans[j][2]]) for t, j in zip(merged, last)]
 
 
-def split_steps(text: str, max_steps: int | None = None, step_split: str | re.Pattern | None = None) -> list[str]:
+def split_steps(text: str, max_steps_per_solution: int | None = None,
+                step_split: str | re.Pattern | None = None) -> list[str]:
     """Split a solution into steps on blank lines (reference section 3), and with `step_split` also at each match of
     that pattern inside a blank-line piece (ours; see the module docstring).
 
     Runs of blank lines (also whitespace-only lines and `\\r\\n` endings) count as one separator; each step is
-    stripped and empty pieces are dropped. With more than `max_steps` steps, `k = ceil(n / max_steps)` consecutive
-    steps are joined into one (blank-line pieces by `"\\n\\n"`): 13 steps with max_steps=12 give k=2 and 7 steps.
+    stripped and empty pieces are dropped. With more than `max_steps_per_solution` steps, `k = ceil(n / max)`
+    consecutive steps are joined into one (`merge_steps`; blank-line pieces by `"\\n\\n"`): 13 steps with
+    max_steps_per_solution=12 give k=2 and 7 steps.
     """
-    return [s.text for s in segment_steps(text, max_steps, step_split)]
+    return [s.text for s in segment_steps(text, max_steps_per_solution, step_split)]
 
 
 def join_steps(steps: Sequence[str]) -> str:

@@ -184,9 +184,9 @@ def test_scorer_arguments_reach_the_scorer(tmp_path):
         return load_scorer(ScorerArguments(model_name_or_path="tiny-internvl", data=["d"], output_dir="x",
                                            max_patches=1, device="cpu", **kw))
 
-    published, own = scorer(), scorer(system_prompt="", step_split=r"(?<=,)(?= )")
-    assert (published.system, published.step_split) == (PRM_SYSTEM_PROMPT, None)
-    assert own.system is None and own.steps_of("3, 4.\n\n7") == ["3,", "4.", "7"]
+    published, own = scorer(), scorer(system_prompt="", step_split=r"(?<=,)(?= )")  # no step_settings.json
+    assert (published.settings.system_prompt, published.settings.step_split) == (PRM_SYSTEM_PROMPT, None)
+    assert own.settings.system_prompt is None and own.steps_of("3, 4.\n\n7") == ["3,", "4.", "7"]
     with_prompt = published.score("q", None, ["a", "b"]).step_scores
     without = own.score("q", None, ["a", "b"]).step_scores
     assert len(with_prompt) == len(without) == 2 and with_prompt != pytest.approx(without)

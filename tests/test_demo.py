@@ -44,15 +44,18 @@ def test_quick_demo_writes_report_metrics_and_plots(quick_run):
     assert (quick_run / "mpo" / "final" / "model.safetensors").is_file()
     assert (quick_run / "prm" / "final" / "model.safetensors").is_file()
     assert (quick_run / "label_steps" / "visualprm.jsonl").read_text().strip()
-    # the recipe's step_split reached both label stages: each response is labelled in its steps
-    split = pipeline.parse([]).step_split
+    # the recipe's step settings reached both label stages: each response is labelled in its steps, and each record
+    # says how; the PRM took them from its data, saved them beside its weights, and was scored with them
+    split, max_steps = pipeline.parse([]).step_split, pipeline.QUICK_SIZES["max_steps_per_solution"]
     for stage in ("label_steps", "heldout_labels"):
-        quick = pipeline.QUICK_ARGS[stage]
-        max_steps = int(quick[quick.index("--max_steps") + 1])
         records = [json.loads(line) for line in (quick_run / stage / "mc.jsonl").read_text().splitlines()]
-        assert records and all(r["step_split"] == split for r in records)
+        assert records and all(r["step_settings"] == {"step_split": split, "max_steps_per_solution": max_steps}
+                               for r in records)
         for r in records:
             assert [s["step"] for s in r["steps_with_score"]] == split_steps(r["response"], max_steps, split)
+    saved = json.loads((quick_run / "prm" / "final" / "step_settings.json").read_text())
+    assert saved == {"step_split": split, "max_steps_per_solution": max_steps, "system_prompt": None}
+    assert metrics["prm_step_settings"] == saved
     assert metrics["step_scores"] == "running_product"
     assert set(metrics["prm_step_auc"]) == {"reading", "sum", "answer"}
     assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["prm_step_auc"].values())

@@ -16,6 +16,7 @@ from data_gen.demo import pipeline
 from data_gen.demo.evaluate import (derangement, mc_agreement_by_kind, prm_fit_by_kind, prm_warnings, reading_piece,
                                     score_test_responses, step_kind)
 from data_gen.demo.task import TileSumTask
+from reward.step_settings import StepSettings
 from rlhf.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ def test_image_ablation_separates_a_prm_that_reads_pixels_from_one_that_does_not
     swapped = [images[j] for j in derangement(len(images), 0)]
     processor = build_processor()
     model = build_internvl(processor, seed=0).eval()
-    scorer = PRMScorer(model, processor, max_patches=1, system=None)
+    scorer = PRMScorer(model, processor, max_patches=1, settings=StepSettings(system_prompt=None))
     real = score_test_responses(scorer, records, images, values, "raw", "real")
     ablated = score_test_responses(scorer, records, swapped, values, "raw", "swapped")
     assert len(real.raw_probs) == len(ablated.raw_probs) > 0
@@ -279,8 +280,8 @@ def test_step_scores_line_up_with_the_steps_they_judge():
 
     split = pipeline.parse([]).step_split
     processor = build_processor()
-    scorer = PRMScorer(build_internvl(processor, seed=0).eval(), processor, max_patches=1, system=None,
-                       max_steps=12, step_split=split)
+    scorer = PRMScorer(build_internvl(processor, seed=0).eval(), processor, max_patches=1,
+                       settings=StepSettings(split, 12, None))
     item = TileSumTask().item("test", 0)
     wrong = item.solution.replace(f"show {item.values[0]},", f"show {item.values[0] % 9 + 1},", 1)
     for text in (item.solution, wrong):

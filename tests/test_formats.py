@@ -87,7 +87,7 @@ def _numbered(n: int) -> str:
     ],
 )
 def test_merge_evenly(n, max_steps, k, n_merged):
-    merged = split_steps(_numbered(n), max_steps=max_steps)
+    merged = split_steps(_numbered(n), max_steps_per_solution=max_steps)
     assert len(merged) == n_merged
     # merged step j holds original steps j*k+1 .. min((j+1)*k, n), joined by a blank line
     for j, step in enumerate(merged):
@@ -98,7 +98,7 @@ def test_merge_evenly(n, max_steps, k, n_merged):
 
 
 def test_merge_worked_example_13_steps():
-    merged = split_steps(_numbered(13), max_steps=12)
+    merged = split_steps(_numbered(13), max_steps_per_solution=12)
     assert merged[0] == "s1\n\ns2"
     assert merged[5] == "s11\n\ns12"
     assert merged[6] == "s13"  # the last group is short
@@ -106,8 +106,8 @@ def test_merge_worked_example_13_steps():
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_split_rejects_bad_max_steps(bad):
-    with pytest.raises(ValueError, match="max_steps must be a positive integer"):
-        split_steps("a\n\nb", max_steps=bad)
+    with pytest.raises(ValueError, match="max_steps_per_solution must be a positive integer"):
+        split_steps("a\n\nb", max_steps_per_solution=bad)
 
 
 def test_hard_label_is_strictly_above_threshold():

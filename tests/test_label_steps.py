@@ -339,7 +339,8 @@ def test_step_split_labels_each_cut_from_the_policys_own_text(tmp_path, mc_prefi
     run(*job_args(path, tmp_path / "out", step_split="(?<=,)(?= )", mc_prefix=mc_prefix), backend=backend)
     [record] = read_jsonl(tmp_path / "out" / "mc.jsonl", "mc")
     assert [s.step for s in record.steps] == ["The tiles show 3,", "4.", "3 + 4 = 7.", "Answer: \\boxed{7}"]
-    assert [s.score for s in record.steps] == [0.0, 1.0, 1.0, 1.0] and record.meta["step_split"] == "(?<=,)(?= )"
+    assert [s.score for s in record.steps] == [0.0, 1.0, 1.0, 1.0]
+    assert record.meta["step_settings"] == {"step_split": "(?<=,)(?= )", "max_steps_per_solution": 12}
     prefixes = {int(r.id.split("/step")[1].split("/")[0]): r.assistant_prefix for r in backend.requests}
     # a cut step continues from the cut in both styles; a step that ends a blank-line piece continues right after
     # its text (internvl) or after one more blank line (blank_line, what the demo's recipes had before)

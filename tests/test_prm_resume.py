@@ -6,7 +6,8 @@ import pytest
 from datasets import Dataset
 from safetensors import safe_open
 
-from reward.prm_trainer import VisualPRMConfig, VisualPRMTrainer
+from reward.prm_config import VisualPRMConfig
+from reward.prm_trainer import VisualPRMTrainer
 from rlhf.tiny import build_internvl
 from tests.test_prm_trainer import image_rows
 from tests.conftest import stop_at_step

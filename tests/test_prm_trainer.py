@@ -19,28 +19,20 @@ from datasets import Dataset
 from PIL import Image
 from transformers import EvalPrediction
 
-from reward.formats import PRM_SYSTEM_PROMPT, MCRecord, StepwiseRecord, join_steps, split_steps
+from reward.formats import PRM_SYSTEM_PROMPT, MCRecord, StepwiseRecord
 from reward.prm_data import encode_prm
 from rlhf.processing import IM_END
 from reward.prm_job import (
     DataFormat,
     PRMDataError,
     build_rows,
-    merge_steps,
     read_prm_records,
 )
-from reward.prm_trainer import (
-    PRMCollator,
-    PRMConfigError,
-    VisualPRMConfig,
-    VisualPRMTrainer,
-    encode_row,
-    hard_token_losses,
-    plus_probability,
-    prm_eval_metrics,
-    soft_token_losses,
-    step_metrics,
-)
+from reward.prm_collator import PRMCollator, encode_row
+from reward.prm_config import PRMConfigError, VisualPRMConfig
+from reward.prm_losses import hard_token_losses, plus_margin, plus_probability, soft_token_losses
+from reward.prm_metrics import prm_eval_metrics, step_metrics
+from reward.prm_trainer import VisualPRMTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = REPO / "recipes" / "prm" / "tiny_data"
@@ -82,6 +74,18 @@ def test_soft_loss_worked_numbers():
     # With 0/1 scores the soft term is the two-way cross-entropy: -ln(3/4) = 0.2876821 and -ln(1 - 1/5) = 0.2231436
     hard_scores = soft_token_losses(JUDGE, END, torch.tensor([1.0, 0.0]), torch.tensor([EOT, EOT]), PLUS, MINUS)
     assert hard_scores[:2].tolist() == pytest.approx([0.2876821, 0.2231436], abs=1e-6)
+
+
+def test_plus_probability_worked_example():
+    """P(+) is the softmax over the '+' and '-' logits alone; the rest of the vocabulary does not count.
+    Vocabulary of 4: '-' = 0, '+' = 1. Row 1: logits (0, ln 3, 5, -2) -> e^ln3 / (e^ln3 + e^0) = 3 / 4, whatever
+    tokens 2 and 3 hold. Row 2: equal '+'/'-' logits -> 1/2. Row 3: '+' 2 below '-' -> 1 / (1 + e^2) = 0.1192029."""
+    logits = torch.tensor([[0.0, LN(3), 5.0, -2.0], [1.5, 1.5, 0.0, 9.0], [2.0, 0.0, 0.0, 0.0]])
+    assert plus_probability(logits, 1, 0).tolist() == pytest.approx([0.75, 0.5, 0.1192029], abs=1e-7)
+    assert plus_margin(logits, 1, 0).tolist() == pytest.approx([LN(3), 0.0, -2.0], abs=1e-7)  # log-odds of P(+)
+    # bf16 logits (a bf16 LM head) give float32 probabilities: ln 3 = 1.0986 rounds to 1.1015625 in bf16 -> 0.7505527
+    p = plus_probability(logits.bfloat16(), 1, 0)
+    assert p.dtype == torch.float32 and p.tolist() == pytest.approx([0.7505527, 0.5, 0.1192029], abs=1e-6)
 
 
 # -- metrics, worked by hand -----------------------------------------------------------------------------------------
@@ -252,15 +256,6 @@ def test_short_training_learns_an_easy_rule(tmp_path):
 # -- data: readers, merge, rows --------------------------------------------------------------------------------------
 
 
-def test_merge_steps_follows_split_steps():
-    steps = [f"step {i}" for i in range(13)]
-    labels = [1.0] * 9 + [0.5, 0.25, 0.0, 0.0]
-    merged, merged_labels = merge_steps(steps, labels, 6)  # k = ceil(13 / 6) = 3 -> 5 merged steps
-    assert merged == split_steps(join_steps(steps), 6)
-    assert merged_labels == [labels[2], labels[5], labels[8], labels[11], labels[12]]
-    assert merge_steps(steps, labels, None) == (steps, labels)
-
-
 def test_reader_detects_each_kind(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     lines = [
@@ -350,7 +345,7 @@ def test_overflow_truncates_at_a_step_boundary(tmp_path, tiny_processor):
 
 
 def test_meta_json_sources_repeat_and_tile_budget(tmp_path, tiny_processor):
-    from reward.prm_job import PRMScriptArguments, prepare_dataset
+    from reward.prm_job import PRMScriptArguments, prepare_dataset, read_dataset
 
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (300, 100)).save(tmp_path / "imgs" / "wide.png")  # 3 x 1 grid + thumbnail with 4 tiles allowed
@@ -361,7 +356,8 @@ def test_meta_json_sources_repeat_and_tile_budget(tmp_path, tiny_processor):
             "b": {"annotation": "b.jsonl", "root": "imgs", "repeat_time": 0.5, "data_augment": False}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     args = config(tmp_path, max_dynamic_patch=1)
-    rows = prepare_dataset(str(tmp_path / "meta.json"), tiny_processor, args, PRMScriptArguments(data="x"), "train")
+    script = PRMScriptArguments(data="x")
+    rows = prepare_dataset(read_dataset(tmp_path / "meta.json", script), tiny_processor, args, script, "train")
     assert len(rows) == 2 + 1  # a twice, a seeded half of b's two records
     assert [r["max_patches"] for r in rows] == [4, 4, 1]
     image_tokens = [r["input_ids"].count(tiny_processor.image_token_id) for r in rows]
@@ -369,7 +365,7 @@ def test_meta_json_sources_repeat_and_tile_budget(tmp_path, tiny_processor):
     bad = {"a": {"annotation": "missing.jsonl", "root": "imgs", "repeat_time": 0}}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(PRMDataError) as err:
-        prepare_dataset(str(tmp_path / "bad.json"), tiny_processor, args, PRMScriptArguments(data="x"), "train")
+        read_dataset(tmp_path / "bad.json", script)
     assert str(err.value).splitlines()[1:] == [
         f"  {tmp_path / 'bad.json'}: field 'a.annotation': expected an existing JSON-lines file, got 'missing.jsonl'",
         f"  {tmp_path / 'bad.json'}: field 'a.repeat_time': expected a number > 0 (2.0 repeats twice, 0.5 takes a "
@@ -407,7 +403,7 @@ def test_cli_tiny_recipe_end_to_end(tmp_path, monkeypatch):
 
     from rlhf.cli import main
     from rlhf.processing import InternVLChatProcessor
-    from reward.prm_trainer import judgement_logits
+    from reward.prm_head import judgement_logits
 
     monkeypatch.chdir(REPO)
     eval_file = tmp_path / "eval10.jsonl"

@@ -68,7 +68,7 @@ def test_ray_rollout_and_label_steps_equal_the_local_executor_byte_for_byte(tmp_
         assert (summary.succeeded, summary.failed) == (6, 0)
         # label 1 response per question with 2 continuations a step; both read the local rollouts
         steps = label_steps.LabelStepsArguments(solutions=str(tmp_path / "local" / "rollout" / "rollouts.jsonl"),
-                                                solutions_per_question=1, num_continuations=2, max_steps=3)
+                                                solutions_per_question=1, num_continuations=2, max_steps_per_solution=3)
         summary, _ = label_steps.run(steps, *args(tmp_path / executor / "labels", executor))
         assert (summary.succeeded, summary.failed) == (6, 0)
     local, ray = tmp_path / "local", tmp_path / "ray"

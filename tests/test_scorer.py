@@ -14,6 +14,7 @@ from PIL import Image
 from reward.eval_job import best_threshold, source_macro_f1, split_heldout, step_auc, step_f1
 from reward.prm_data import encode_prefix, encode_steps, judgement_ids
 from reward.scorer import AGGREGATORS, Aggregation, PRMScorer, ScoringMethod, as_grpo_reward
+from reward.step_settings import StepSettings
 from rlhf.errors import UserError
 from tests.conftest import write_image
 
@@ -103,6 +104,27 @@ def test_step_score_is_p_plus_from_the_full_model_logits(model_and_processor, im
     assert got.step_scores == pytest.approx(want, abs=1e-5)
 
 
+def test_training_and_scoring_compute_the_same_p_plus(model_and_processor, tmp_path):
+    """P(+) has one home (`reward.prm_losses.plus_probability`): the trainer's evaluation P(+) of a training row whose
+    judgements are all written as '+' (`plus_context`, the context the scorer judges in) equals the scorer's step
+    scores of the same solution, image included."""
+    from reward.prm_collator import PRMCollator, encode_row
+    from reward.prm_config import VisualPRMConfig
+    from reward.prm_trainer import VisualPRMTrainer
+
+    model, processor = model_and_processor
+    path = write_image(tmp_path / "a.png", size=(224, 112))
+    steps = ["The tiles show 3 and 7.", "3 + 7 = 11.", "Answer: 11"]
+    row = encode_row(processor, QUESTION, steps, [True, False, False], [str(path)], 4, plus_context=True)
+    args = VisualPRMConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    trainer = VisualPRMTrainer(model, args=args, processing_class=processor)
+    with torch.no_grad():
+        _, p_plus = trainer.judgement_loss(model, PRMCollator(processor)([row]))
+    scored = PRMScorer(model, processor, max_patches=4).score(QUESTION, [path], steps).step_scores
+    assert len(scored) == 3 and max(scored) - min(scored) > 1e-4  # distinct numbers, so a shifted row would show
+    assert p_plus.tolist() == pytest.approx(scored, abs=1e-5)
+
+
 def test_images_change_the_scores(model_and_processor, image):
     model, processor = model_and_processor
     scorer = PRMScorer(model, processor, max_patches=4)
@@ -128,9 +150,9 @@ def test_aggregations_worked_numbers(model_and_processor):
         PRMScorer(model, processor, aggregation="median")
 
 
-def test_text_solutions_are_split_with_max_steps(model_and_processor):
+def test_text_solutions_are_split_with_max_steps_per_solution(model_and_processor):
     model, processor = model_and_processor
-    scorer = PRMScorer(model, processor, max_steps=2)
+    scorer = PRMScorer(model, processor, settings=StepSettings(max_steps_per_solution=2))
     text = "a + b.\n\nc + d.\n\nAnswer: 4"  # 3 steps, max 2 -> k = 2: ["a + b.\n\nc + d.", "Answer: 4"]
     merged = scorer.score("What?", [], text)
     as_list = scorer.score("What?", [], ["a + b.\n\nc + d.", "Answer: 4"])
@@ -139,12 +161,12 @@ def test_text_solutions_are_split_with_max_steps(model_and_processor):
 
 def test_text_solutions_are_split_with_step_split(model_and_processor):
     model, processor = model_and_processor
-    scorer = PRMScorer(model, processor, step_split=r"(?<=,)(?= )")
+    scorer = PRMScorer(model, processor, settings=StepSettings(step_split=r"(?<=,)(?= )"))
     text = "a is 3, b is 4.\n\nAnswer: 7"
     assert scorer.steps_of(text) == ["a is 3,", "b is 4.", "Answer: 7"]
     assert scorer.score("What?", [], text).step_scores == scorer.score("What?", [], scorer.steps_of(text)).step_scores
     with pytest.raises(UserError, match="step_split: not a regular expression"):
-        PRMScorer(model, processor, step_split="[")
+        StepSettings(step_split="[")
 
 
 def test_text_only_model_methods_agree():

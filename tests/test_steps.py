@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from reward.steps import STEP_SEPARATOR, Step, compile_step_split, join_steps, segment_steps, split_steps
+from reward.steps import (STEP_SEPARATOR, Step, compile_step_split, join_steps, merge_steps, segment_steps,
+                          split_steps)
 from rlhf.errors import UserError
 
 VALUES_SPLIT = r"(?<=,)(?= )|(?= and )"  # one step per listed value, as the demo's recipe
@@ -46,6 +47,29 @@ def test_step_split_merge_above_max_steps():
     assert [s.prefix for s in steps] == ["The tiles show 3, 7, 5",
                                          "The tiles show 3, 7, 5 and 9.\n\n3 + 7 = 10.\n\n10 + 5 = 15.\n\n",
                                          SOLUTION + STEP_SEPARATOR]
+
+
+def test_merge_steps_worked_example():
+    """One merge rule for the scorer's split and the PRM job's rows: 7 steps, max 3 -> k = ceil(7 / 3) = 3, groups
+    {0, 1, 2}, {3, 4, 5}, {6}; each merged step ends at its last step (index 2, 5, 6), whose label it takes."""
+    steps = ["a", "b", "c", "d", "e", "f", "g"]
+    assert merge_steps(steps, 3) == (["a\n\nb\n\nc", "d\n\ne\n\nf", "g"], [2, 5, 6])  # default gap: a blank line
+    # with the text between the steps in the solution (a step_split cut leaves " "), the merge rejoins it
+    gaps = [" ", " ", "\n\n", " ", "\n\n", " "]
+    assert merge_steps(steps, 3, gaps) == (["a b c", "d e\n\nf", "g"], [2, 5, 6])
+    assert merge_steps(steps, 7) == merge_steps(steps, None) == (steps, list(range(7)))  # n <= max: unchanged
+    assert merge_steps([], 3) == ([], [])
+    # the scorer's text split is this merge over the solution's own gaps
+    assert [s.text for s in segment_steps(SOLUTION, 3, VALUES_SPLIT)] == merge_steps(
+        split_steps(SOLUTION, None, VALUES_SPLIT), 3, [" ", " ", " ", "\n\n", "\n\n", "\n\n", "\n\n"])[0]
+    # blank-line steps: the PRM job's merge of a record's steps equals the scorer's split of their text
+    labels = [1.0] * 9 + [0.5, 0.25, 0.0, 0.0]
+    numbered = [f"Step {i}." for i in range(13)]
+    merged, last = merge_steps(numbered, 6)  # k = ceil(13 / 6) = 3 -> 5 merged steps
+    assert merged == split_steps(join_steps(numbered), 6)
+    assert [labels[i] for i in last] == [labels[2], labels[5], labels[8], labels[11], labels[12]]
+    with pytest.raises(ValueError, match="gaps"):
+        merge_steps(steps, 3, [" "])
 
 
 def test_step_split_that_consumes_text_and_empty_parts():

@@ -12,8 +12,9 @@
   partial sum, answer), counting only steps whose earlier steps are all right (a step judged on its own).
 
 `evaluate(folder, inputs, settings)` reads the earlier stages' folders (`EvalInputs`) and the demo settings it needs
-(`EvalSettings`, `EvalSettings.of(demo_arguments)`), and writes metrics.json, the greedy responses, the PRM's scores
-and bon_curve.png into `folder`.
+(`EvalSettings`, `EvalSettings.of(demo_arguments)`); the PRM is scored with the step settings saved beside its
+weights (`reward.step_settings`: step split, step limit, system prompt, as its training data were labelled), and
+writes metrics.json, the greedy responses, the PRM's scores and bon_curve.png into `folder`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from .settings import METRICS_FILE, TEST_START
 
 logger = logging.getLogger("mmalign.demo")
 
-MAX_STEPS = 12  # as the PRM recipe's max_steps_per_solution
 PRM_FIT_SOLUTIONS = 256  # training solutions the PRM's fit per kind of step is measured on
 
 
@@ -273,8 +273,6 @@ class EvalSettings:
     layout: str
     bon_policy: str
     aggregation: str
-    step_split: str | None
-    prm_system_prompt: str
     step_scores: str
     step_threshold: float
     eval_batch_size: int
@@ -308,6 +306,7 @@ def evaluate(folder: Path, inputs: EvalInputs, settings: EvalSettings) -> None:
     from reward.eval_job import step_f1
     from reward.formats import hard_label, read_jsonl
     from reward.scorer import PRMScorer
+    from reward.step_settings import scoring_settings
     from rlhf.models import load_model_and_processor
 
     from ..rollout import pass_counts
@@ -330,8 +329,9 @@ def evaluate(folder: Path, inputs: EvalInputs, settings: EvalSettings) -> None:
     # 2. Best-of-k with the PRM, with each question's own image and, as an ablation, another question's image
     prm, processor = load_model_and_processor(str(inputs.prm / "final"))
     prm.eval()
-    scorer = PRMScorer(prm, processor, aggregation=a.aggregation, max_steps=MAX_STEPS, batch_size=16, max_patches=1,
-                       step_split=a.step_split, system=a.prm_system_prompt or None)
+    settings = scoring_settings(inputs.prm / "final")  # the step settings the PRM was trained with
+    scorer = PRMScorer(prm, processor, aggregation=a.aggregation, batch_size=16, max_patches=1, settings=settings)
+    metrics["prm_step_settings"] = settings.to_json()
     values = {r["id"]: r["values"] for r in _read_jsonl(inputs.questions / "test.jsonl")}
     records = sorted(_read_jsonl(inputs.test_rollout / "rollouts.jsonl"), key=lambda r: r["id"])
     images = [_image(r, inputs.questions) for r in records]

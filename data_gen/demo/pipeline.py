@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from reward.formats import PRM_SYSTEM_PROMPT
-from reward.steps import compile_step_split
+from reward.step_settings import StepSettings
 from rlhf.errors import UserError
 
 from .settings import METRICS_FILE, ROLLOUT_START, SFT_BAND, TEST_START
@@ -56,15 +56,15 @@ REPORT_FILE = "report.md"
 
 # `--quick`: the same stages, CI-sized (a couple of minutes on 2 CPU cores); these replace the recipes' values
 QUICK_SIZES = {"train_questions": 12, "label_questions": 4, "test_questions": 8, "bon_samples": 8,
-               "heldout_label_questions": 3}
+               "heldout_label_questions": 3, "max_steps_per_solution": 4}
 QUICK_ARGS: dict[str, list[str]] = {
     # the quick policy is barely trained: each question's gold solution joins its samples so that pairs exist
     "rollout": ["--num_samples", "4", "--max_new_tokens", "48", "--reference_key", "solution"],
     "pairs": ["--max_new_tokens", "24"],
     "mpo": ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1"],
     "test_rollout": ["--max_new_tokens", "48"],
-    "label_steps": ["--num_continuations", "4", "--max_new_tokens", "24", "--max_steps", "4"],
-    "heldout_labels": ["--num_continuations", "4", "--max_new_tokens", "24", "--max_steps", "4"],
+    "label_steps": ["--num_continuations", "4", "--max_new_tokens", "24"],
+    "heldout_labels": ["--num_continuations", "4", "--max_new_tokens", "24"],
     "prm": ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1"],
 }
 
@@ -90,8 +90,12 @@ class DemoArguments:
     heldout_label_questions: int = field(default=40, metadata={
         "help": "Test questions whose responses get Monte Carlo labels (PRM step F1)."})
     step_split: str | None = field(default=None, metadata={
-        "help": "Ours: a pattern that also ends a step inside a blank-line step, in both label stages and in the PRM's "
-                "scoring (reward.steps); the recipe cuts the reading into one step per value."})
+        "help": "Ours: a pattern that also ends a step inside a blank-line step, in both label stages (reward.steps); "
+                "the PRM learns it from their records and scores with it. The recipe cuts the reading into one step "
+                "per value."})
+    max_steps_per_solution: int = field(default=12, metadata={
+        "help": "More steps are merged evenly, in both label stages; the PRM learns it from their records and scores "
+                "with it (reward.step_settings)."})
     aggregation: str = field(default="mean", metadata={"help": "Solution score: mean | min | product | last."})
     step_threshold: float = field(default=0.5, metadata={"help": "A step is predicted '+' iff its score > this."})
     step_scores: str = field(default="raw", metadata={
@@ -128,9 +132,16 @@ class DemoArguments:
                 raise UserError(f"demo: {name} must be mpo or sft, got {getattr(self, name)!r}")
         if self.step_scores not in ("raw", "running_min", "running_product"):
             raise UserError(f"demo: step_scores must be raw, running_min or running_product, got {self.step_scores!r}")
-        compile_step_split(self.step_split)
+        self.step_settings()  # step_split, max_steps_per_solution and prm_system_prompt checked, one line
         if not 0.0 <= self.step_threshold < 1.0:
             raise UserError(f"demo: step_threshold must be in [0, 1), got {self.step_threshold}")
+
+
+    def step_settings(self) -> StepSettings:
+        """The PRM's step settings (`reward.step_settings`): the label stages cut the solutions with them and record
+        them, the PRM stage reads them from those records and saves them, the evaluate stage reads them from the
+        PRM."""
+        return StepSettings(self.step_split, self.max_steps_per_solution, self.prm_system_prompt)
 
 
 USAGE_KEYS = ("cpu_seconds", "load_start", "load_end")
@@ -251,7 +262,9 @@ class Demo:
             str(self.dir("test_rollout")), "--num_samples", str(a.bon_samples)], recipe="rollout")
         stages.append(("label_subsets", {"label": a.label_questions, "heldout": a.heldout_label_questions},
                        self.write_label_subsets))
-        split = ["--step_split", a.step_split] if a.step_split else []
+        steps = a.step_settings()  # the label stages record them; the PRM takes them from their records
+        split = ["--max_steps_per_solution", str(steps.max_steps_per_solution)]
+        split += ["--step_split", steps.step_split] if steps.step_split else []
         add_job("label_steps", label_steps.main, [
             "--solutions", str(self.dir("label_subsets") / "train_rollouts.jsonl"), "--model", str(sft_final),
             "--output_dir", str(self.dir("label_steps")), *split])
