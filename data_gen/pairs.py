@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from reward.formats import STEP_BREAK, split_steps
+from reward.verify import fix_answer
 from rlhf.errors import UserError
 from rlhf.jobs.runner import Failure, JobInputError, item_seed
 from rlhf.jobs.settings import check_settings, content_sha, refuse_changed
@@ -58,8 +59,6 @@ logger = logging.getLogger("mmalign.pairs")
 
 GROUPS_NAME = "pair_groups"
 SETTINGS_FILE = "pairs_settings.json"
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_RE = re.compile(r"answer\s*:", re.IGNORECASE)
 
 
 class PairSet(StrEnum):
@@ -109,42 +108,6 @@ def correctness_pairs(responses: list[dict], correct: list[int], wrong: list[int
     pairs = [(c, w) for c in correct for w in wrong]
     kept = [(c, w) for c, w in pairs if responses[c]["answer"].strip() not in responses[w]["answer"]]
     return kept, len(pairs) - len(kept)
-
-
-def _closing_brace(text: str, start: int) -> int:
-    depth = 1
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        depth += (ch == "{") - (ch == "}")
-        if depth == 0:
-            return i
-        i += 1
-    return -1
-
-
-def fix_answer(text: str, answer: str) -> str:
-    """`text` with its final answer replaced by `answer`: the content of the last balanced `\\boxed{}`, else the
-    rest of the line after the last "Answer:"; unchanged when it has neither."""
-    pos, span = 0, None
-    while (m := _BOX_RE.search(text, pos)) is not None:
-        end = _closing_brace(text, m.end())
-        if end < 0:
-            break
-        span, pos = (m.end(), end), end + 1
-    if span is not None:
-        return text[:span[0]] + answer + text[span[1]:]
-    last = None
-    for last in _ANSWER_RE.finditer(text):
-        pass
-    if last is None:
-        return text
-    line_end = text.find("\n", last.end())
-    line_end = len(text) if line_end < 0 else line_end
-    return text[:last.end()] + " " + answer + text[line_end:]
 
 
 class DropoutWords(StrEnum):
