@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from data_gen.backends import GenerationRequest, GenerationResult, RolloutBackend, SamplingParams
+from data_gen.job_common import BackendArguments, JobArguments
 from data_gen.pairs import (DropoutSampling, PairsArguments, cap, dropout_prefix, group_responses, run,
                             strip_images, truncate_at_divergence)
 from data_gen.prompts import build_prompt
-from data_gen.rollout import BackendArguments, JobArguments
 from rlhf.jobs.runner import item_seed
 from reward.verify import judge
 
