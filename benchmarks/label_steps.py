@@ -66,7 +66,7 @@ def monotone(labels: list[bool]) -> bool:
 
 
 def backend_arguments(args, policy: Path, prefix_caching: bool | None = None):
-    from data_gen.rollout import BackendArguments
+    from data_gen.job_common import BackendArguments
 
     if args.backend == "vllm":
         return BackendArguments(backend="vllm", model=str(policy), backend_kwargs={
@@ -84,7 +84,8 @@ def bench_policy(args, name: str, throughput: bool) -> None:
 
 def bench_backend(args, name: str, policy: Path, trained: str, throughput: bool, prefix_caching: bool | None) -> None:
     from data_gen.label_steps import LabelStepsArguments, run
-    from data_gen.rollout import JobArguments, RolloutArguments, SamplingArguments
+    from data_gen.job_common import JobArguments, SamplingArguments
+    from data_gen.rollout import RolloutArguments
     from data_gen.rollout import run as rollout
     from data_gen.demo.task import TileSumTask, step_truth
     from reward.formats import hard_label, read_jsonl

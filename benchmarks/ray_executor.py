@@ -38,7 +38,8 @@ def noop(items):
 
 def rollout(questions: Path, out: Path, executor: str, workers: int, a) -> tuple[float, float]:
     """(seconds of the job, seconds until its first record was committed)."""
-    from data_gen.rollout import BackendArguments, JobArguments, RolloutArguments, SamplingArguments, run
+    from data_gen.job_common import BackendArguments, JobArguments, SamplingArguments
+    from data_gen.rollout import RolloutArguments, run
 
     first: list[float] = []
     done = threading.Event()

@@ -77,7 +77,6 @@ input (num_shards 1; rerun with num_shards 1 to merge).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
@@ -87,20 +86,18 @@ from typing import Any
 from reward.step_settings import RECORD_KEY as STEP_SETTINGS_KEY, StepSettings
 from rlhf.errors import UserError
 from rlhf.jobs.runner import Failure, JobInputError, item_seed
-from rlhf.jobs.settings import check_settings, refuse_changed
 from rlhf.processing import IMAGE_PLACEHOLDER
 
-from .backends.base import BackendUnavailable, GenerationRequest, RolloutBackend
+from .backends.base import GenerationRequest, RolloutBackend
+from .job_common import (BackendArguments, BackendWorker, JobArguments, Question, SamplingArguments, job_main,
+                         load_question_images, read_questions, run_backend_job)
 from .prompts import PromptTemplate, build_prompt
-from .rollout import (BackendArguments, JobArguments, Question, SamplingArguments, load_question_images, parse_args,
-                      read_questions)
 
 MC_NAME = "mc"
 VISUALPRM_FILE = "visualprm.jsonl"
 META_FILE = "meta.json"
 LABEL_SUMMARY_FILE = "label_summary.json"
 SETTINGS_FILE = "label_steps_settings.json"
-RUN_ONLY_BACKEND_KEYS = ("batch_size", "device", "max_concurrency")  # how the backend runs, not what it makes
 
 
 class LabelMode(StrEnum):
@@ -461,41 +458,24 @@ class LabelSettings:
     mc_prefix: MCPrefix = MCPrefix.INTERNVL
 
 
-class LabelStepsWorker:
-    """process_fn of the job: a batch of solutions in, one Monte Carlo record (or Failure) per solution out.
-    Picklable: the backend is built on first use in each worker process (or handed in for a single process)."""
+class LabelStepsWorker(BackendWorker):
+    """process_fn of the job: a batch of solutions in, one Monte Carlo record (or Failure) per solution out."""
 
-    def __init__(self, settings: LabelSettings, backend: RolloutBackend | None = None):
-        self.settings = settings
-        self.backend = backend
+    continuation = True
 
-    def __getstate__(self) -> dict:
-        return {"settings": self.settings, "backend": None}
+    def prepare(self, item: SolutionItem) -> MCTask | Failure:
+        steps = self.settings.steps.segment(item.text)
+        if not steps:
+            return Failure(item.id, "the solution is empty (no steps to label)")
+        images = load_question_images(item.question)
+        return MCTask(item.id, build_prompt(item.question.question, item.prompt_template), images,
+                      item.system_prompt, [s.text for s in steps], item.question.answer,
+                      [styled_prefix(s.prefix, self.settings.mc_prefix) for s in steps])
 
-    def __call__(self, items: list[SolutionItem]) -> list[dict | Failure]:
-        from rlhf.data import ImageLoadError
-
-        if self.backend is None:
-            self.backend = self.settings.backend.make(continuation=True)
-        outcomes: dict[str, dict | Failure] = {}
-        tasks, asked = [], []
-        for item in items:
-            steps = self.settings.steps.segment(item.text)
-            if not steps:
-                outcomes[item.id] = Failure(item.id, "the solution is empty (no steps to label)")
-                continue
-            try:
-                images = load_question_images(item.question)
-            except (ImageLoadError, ValueError) as err:
-                outcomes[item.id] = Failure(item.id, str(err))
-                continue
-            tasks.append(MCTask(item.id, build_prompt(item.question.question, item.prompt_template), images,
-                                item.system_prompt, [s.text for s in steps], item.question.answer,
-                                [styled_prefix(s.prefix, self.settings.mc_prefix) for s in steps]))
-            asked.append(item)
-        for item, task, result in zip(asked, tasks, monte_carlo(tasks, self.backend, self.settings.mc), strict=True):
-            outcomes[item.id] = Failure(item.id, result) if isinstance(result, str) else self.record(item, task, result)
-        return [outcomes[item.id] for item in items]
+    def complete(self, items: list[SolutionItem], tasks: list[MCTask]) -> list[dict | Failure]:
+        results = monte_carlo(tasks, self.open_backend(), self.settings.mc)
+        return [Failure(item.id, result) if isinstance(result, str) else self.record(item, task, result)
+                for item, task, result in zip(items, tasks, results, strict=True)]
 
     def record(self, item: SolutionItem, task: MCTask, result: MCResult) -> dict[str, Any]:
         from reward.formats import MCRecord, MCStep
@@ -675,8 +655,6 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
         *, backend: RolloutBackend | None = None):
     """Run the job; returns (JobSummary, LabelSummary or None when this run covered one shard only).
     `backend` replaces the one `backend_args` would build (and is left open)."""
-    from rlhf.jobs.runner import run_job
-
     items = read_solutions(args.solutions, image_root=args.image_root, per_question=args.solutions_per_question,
                            prompt_template=args.prompt_template, system_prompt=args.system_prompt)
     output_dir = Path(job.output_dir)
@@ -685,39 +663,20 @@ def run(args: LabelStepsArguments, backend_args: BackendArguments, sampling: Sam
     settings = LabelSettings(args.mc_settings(sampling), args.step_settings(), backend_args, MCPrefix(args.mc_prefix))
     where = ("solutions", "image_root", "solutions_per_question")  # which input, not how its records are made
     fingerprint = {k: v for k, v in asdict(args).items() if k not in where} | {"sampling": asdict(sampling)}
-    fingerprint["backend"] = {"backend": backend_args.backend, **backend_args.kwargs()}
-    for key in RUN_ONLY_BACKEND_KEYS:
-        fingerprint["backend"].pop(key, None)
-    check_settings(output_dir, SETTINGS_FILE, fingerprint, job.resume)
-    if job.resume:  # a finished record whose solution or answer changed in the input: refused, one line
-        refuse_changed(output_dir, MC_NAME, {i.id: {"solution": i.text, "answer": i.question.answer} for i in items},
-                       lambda r, _: {"solution": r.get("response"), "answer": r.get("answer")},
-                       shard_index=job.own_shard)
-    owned = backend is None  # a backend handed in stays open for the caller
-    if owned and job.executor == "ray":  # each actor builds its own, where the GPUs are
-        backend = None
-    elif owned:
-        backend = backend_args.make(continuation=True)
-        if job.workers > 1:  # checked here; each worker process builds its own
-            backend.close()
-            backend = None
-    worker = LabelStepsWorker(settings, backend)
-    try:
-        summary = run_job(items, worker, output_dir, name=MC_NAME, num_shards=job.num_shards,
-                          shard_index=job.shard_index, batch_size=job.batch_size, desc="label-steps",
-                          fatal_errors=(BackendUnavailable,), **job.run_kwargs())
-    finally:
-        if owned and worker.backend is not None:
-            worker.backend.close()
+    fingerprint["backend"] = backend_args.fingerprint()
+    # a finished record whose solution or answer changed in the input: refused, one line
+    changed = ({i.id: {"solution": i.text, "answer": i.question.answer} for i in items},
+               lambda r, _: {"solution": r.get("response"), "answer": r.get("answer")})
+    summary = run_backend_job(items, LabelStepsWorker(settings, backend), job, name=MC_NAME, desc="label-steps",
+                              settings_file=SETTINGS_FILE, fingerprint=fingerprint, changed=changed)
     labels = write_outputs(output_dir) if job.num_shards == 1 else None
     return summary, labels
 
 
+def _report(result, job: JobArguments) -> tuple[Any, list[str]]:
+    summary, labels = result
+    return summary, [labels.line()] if labels is not None else []
+
+
 def main(argv: list[str]) -> int:
-    args, backend_args, sampling, job = parse_args(
-        (LabelStepsArguments, BackendArguments, SamplingArguments, JobArguments), argv, "mmalign label-steps")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    summary, labels = run(args, backend_args, sampling, job)  # run_job logs the summary line
-    if labels is not None:
-        print(labels.line())
-    return job.failure_status(summary)
+    return job_main(argv, "mmalign label-steps", LabelStepsArguments, SamplingArguments, run, _report)

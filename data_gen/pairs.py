@@ -44,22 +44,22 @@ from pathlib import Path
 from typing import Any
 
 from reward.formats import STEP_BREAK, split_steps
+from reward.verify import fix_answer
 from rlhf.errors import UserError
-from rlhf.jobs.runner import Failure, JobInputError, item_seed
-from rlhf.jobs.settings import check_settings, content_sha, refuse_changed
+from rlhf.jobs.runner import Failure, JobInputError, JobSummary, item_seed
+from rlhf.jobs.settings import content_sha
 from rlhf.processing import IMAGE_PLACEHOLDER
 
-from .backends.base import BackendUnavailable, GenerationRequest, RolloutBackend
+from .backends.base import GenerationRequest, RolloutBackend
+from .job_common import (BackendArguments, BackendWorker, JobArguments, SamplingArguments, job_main, json_lines,
+                         run_backend_job)
 from .prompts import build_prompt
-from .rollout import (ROLLOUTS_NAME, json_lines, BackendArguments, JobArguments, SamplingArguments, parse_args,
-                      resolve_image)
+from .rollout import ROLLOUTS_NAME
 
 logger = logging.getLogger("mmalign.pairs")
 
 GROUPS_NAME = "pair_groups"
 SETTINGS_FILE = "pairs_settings.json"
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_RE = re.compile(r"answer\s*:", re.IGNORECASE)
 
 
 class PairSet(StrEnum):
@@ -109,42 +109,6 @@ def correctness_pairs(responses: list[dict], correct: list[int], wrong: list[int
     pairs = [(c, w) for c in correct for w in wrong]
     kept = [(c, w) for c, w in pairs if responses[c]["answer"].strip() not in responses[w]["answer"]]
     return kept, len(pairs) - len(kept)
-
-
-def _closing_brace(text: str, start: int) -> int:
-    depth = 1
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        depth += (ch == "{") - (ch == "}")
-        if depth == 0:
-            return i
-        i += 1
-    return -1
-
-
-def fix_answer(text: str, answer: str) -> str:
-    """`text` with its final answer replaced by `answer`: the content of the last balanced `\\boxed{}`, else the
-    rest of the line after the last "Answer:"; unchanged when it has neither."""
-    pos, span = 0, None
-    while (m := _BOX_RE.search(text, pos)) is not None:
-        end = _closing_brace(text, m.end())
-        if end < 0:
-            break
-        span, pos = (m.end(), end), end + 1
-    if span is not None:
-        return text[:span[0]] + answer + text[span[1]:]
-    last = None
-    for last in _ANSWER_RE.finditer(text):
-        pass
-    if last is None:
-        return text
-    line_end = text.find("\n", last.end())
-    line_end = len(text) if line_end < 0 else line_end
-    return text[:last.end()] + " " + answer + text[line_end:]
 
 
 class DropoutWords(StrEnum):
@@ -252,48 +216,52 @@ def wants_dropout(args: PairsArguments, record: dict) -> bool:
         args.dropout_ntp == DropoutSelection.UNVERIFIABLE and record.get("answer") is None)
 
 
-class PairsWorker:
+@dataclass
+class PairsSettings:
+    args: PairsArguments
+    sampling: DropoutSampling
+    backend: BackendArguments
+
+
+class PairsWorker(BackendWorker):
     """process_fn of the pairs job: rollout records in, one group record (every pair of the question) out. The
     backend (for DropoutNTP only) is built on first use, or handed in."""
 
-    def __init__(self, args: PairsArguments, sampling: DropoutSampling, backend_args: BackendArguments,
-                 backend: RolloutBackend | None = None):
-        self.args, self.sampling, self.backend_args, self.backend = args, sampling, backend_args, backend
+    continuation = True
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "backend": None}
+    @staticmethod
+    def item_id(record: dict) -> str:
+        return str(record["id"])
 
-    def __call__(self, records: list[dict]) -> list[dict | Failure]:
-        outcomes: dict[str, dict | Failure] = {}
-        ntp: list[tuple] = []  # see dropout_requests
-        for record in records:
-            qid = str(record["id"])
-            try:
-                group = self.group(record)
-            except (ValueError, KeyError, TypeError) as err:
-                outcomes[qid] = Failure(qid, f"{type(err).__name__}: {err}")
-                continue
-            outcomes[qid] = group
-            if wants_dropout(self.args, record):
-                ntp += self.dropout_requests(record, group)
+    def prepare(self, record: dict) -> tuple[dict, list[tuple]] | Failure:
+        """The question's group, and the DropoutNTP continuations it wants (see `dropout_requests`)."""
+        try:
+            group = self.group(record)
+        except (ValueError, KeyError, TypeError) as err:
+            return Failure(self.item_id(record), f"{type(err).__name__}: {err}")
+        return group, self.dropout_requests(record, group) if wants_dropout(self.settings.args, record) else []
+
+    def complete(self, records: list[dict], work: list[tuple[dict, list[tuple]]]) -> list[dict | Failure]:
+        ntp = [entry for _, entries in work for entry in entries]
+        failed: dict[str, Failure] = {}
         if ntp:
-            if self.backend is None:
-                self.backend = self.backend_args.make(continuation=True)
-            results = self.backend.generate([entry[-1] for entry in ntp])
+            results = self.open_backend().generate([entry[-1] for entry in ntp])
             for (group, c, chosen, prefix, kept, _), result in zip(ntp, results, strict=True):
                 if not result.ok:
-                    outcomes[group["id"]] = Failure(group["id"], f"DropoutNTP continuation: {result.error}")
+                    failed[group["id"]] = Failure(group["id"], f"DropoutNTP continuation: {result.error}")
                 else:
                     self.add_dropout_pair(group, c, chosen, prefix, kept, result.texts[0], result.num_generated_tokens,
                                           result.applied)
-        return [outcomes[str(r["id"])] for r in records]
+        return [failed.get(group["id"], group) for group, _ in work]
 
     def group(self, record: dict) -> dict:
+        from rlhf.data import resolve_image  # an image path outside the root is a ValueError
+
         qid, responses, gt = str(record["id"]), record["responses"], record.get("answer")
         key = "images" if "images" in record else "image"
         refs = record.get(key)
         refs = [] if refs is None else [refs] if isinstance(refs, str) else list(refs)
-        root = self.args.image_root or record.get("image_root")
+        root = self.settings.args.image_root or record.get("image_root")
         if refs and not root:
             raise ValueError("record has images but no image_root; set image_root")
         paths = [resolve_image(root, ref) for ref in refs]
@@ -303,7 +271,7 @@ class PairsWorker:
         correct, wrong, unparseable, dropped = group_responses(responses)
         cx, dropped["substring"] = correctness_pairs(responses, correct, wrong)
         sets = {PairSet.CORRECTNESS: cx,
-                PairSet.FORMAT_NEGATIVE: [(c, u) for c in correct for u in unparseable] if self.args.format_negatives
+                PairSet.FORMAT_NEGATIVE: [(c, u) for c in correct for u in unparseable] if self.settings.args.format_negatives
                 else []}
         group: dict[str, Any] = {"id": qid, "images": [str(p) for p in paths], "image_roots": [str(root)] * len(paths),
                                  "multi": isinstance(record.get(key), list),
@@ -312,7 +280,7 @@ class PairsWorker:
                                  "dropped": dropped | {"cap": 0, "identical": 0},
                                  "input_sha": content_sha(record)}  # a resumed run refuses a changed record
         for name, pairs in sets.items():
-            kept = cap(pairs, self.args.max_pairs_per_question, random.Random(item_seed(self.sampling.seed, qid, name)))
+            kept = cap(pairs, self.settings.args.max_pairs_per_question, random.Random(item_seed(self.settings.sampling.seed, qid, name)))
             group["dropped"]["cap"] += len(pairs) - len(kept)
             group[name] = [p for p in (self.pair(responses, c, r, gt) for c, r in kept) if self.distinct(group, p)]
         group[PairSet.DROPOUT_NTP] = []
@@ -328,7 +296,7 @@ class PairsWorker:
 
     def chosen_text(self, response: dict, gt: str | None) -> tuple[str, bool]:
         text = response["text"]
-        if self.args.answer_fix and gt is not None:
+        if self.settings.args.answer_fix and gt is not None:
             fixed = fix_answer(text, gt.strip())
             return fixed, fixed != text
         return text, False
@@ -344,7 +312,7 @@ class PairsWorker:
     def rejected_text(self, chosen: str, rejected: str) -> tuple[str, dict[str, int]]:
         """The rejected text, cut at its first divergent step with `truncate_rejected` (then also the steps kept
         and the steps it had, for the pair's rejected_meta)."""
-        if not self.args.truncate_rejected:
+        if not self.settings.args.truncate_rejected:
             return rejected, {}
         cut, kept, total = truncate_at_divergence(chosen, rejected)
         return cut, {"steps_kept": kept, "steps": total}
@@ -355,15 +323,15 @@ class PairsWorker:
         correct, wrong, unparseable, _ = group_responses(responses)
         pool = correct if gt is not None else sorted(correct + wrong + unparseable)
         pool = [i for i in pool
-                if dropout_prefix(responses[i]["text"], self.args.dropout_ratio, self.args.dropout_words)[0]]
-        rng = random.Random(item_seed(self.sampling.seed, group["id"], PairSet.DROPOUT_NTP.value))
+                if dropout_prefix(responses[i]["text"], self.settings.args.dropout_ratio, self.settings.args.dropout_words)[0]]
+        rng = random.Random(item_seed(self.settings.sampling.seed, group["id"], PairSet.DROPOUT_NTP.value))
         prompt = build_prompt(strip_images(record["question"]), record["prompt_template"])
         out = []
-        for k, c in enumerate(cap(pool, self.args.dropout_pairs_per_question, rng)):
+        for k, c in enumerate(cap(pool, self.settings.args.dropout_pairs_per_question, rng)):
             text, _ = self.chosen_text(responses[c], gt)
-            prefix, kept, _ = dropout_prefix(text, self.args.dropout_ratio, self.args.dropout_words)
-            request = GenerationRequest(id=f"{group['id']}#ntp{k}", prompt=prompt, sampling=self.sampling.params(1),
-                                        seed=item_seed(self.sampling.seed, group["id"], PairSet.DROPOUT_NTP.value, k),
+            prefix, kept, _ = dropout_prefix(text, self.settings.args.dropout_ratio, self.settings.args.dropout_words)
+            request = GenerationRequest(id=f"{group['id']}#ntp{k}", prompt=prompt, sampling=self.settings.sampling.params(1),
+                                        seed=item_seed(self.settings.sampling.seed, group["id"], PairSet.DROPOUT_NTP.value, k),
                                         system=record.get("system_prompt"), assistant_prefix=prefix)
             out.append((group, c, text, prefix, kept, request))
         return out
@@ -507,34 +475,21 @@ def run(args: PairsArguments, backend_args: BackendArguments, sampling: DropoutS
         *, backend: RolloutBackend | None = None) -> dict[str, Any]:
     """Run the pairs job; returns the summary (also in summary.json). `backend` replaces the one `backend_args`
     would build (needed only for DropoutNTP)."""
-    from rlhf.jobs.runner import ResultStore, run_job
+    from rlhf.jobs.runner import ResultStore
 
     records = read_rollouts(args.rollouts)
-    settings = {"pairs": asdict(args), "sampling": asdict(sampling),
-                "backend": {"backend": backend_args.backend, **backend_args.kwargs()}}
-    for key in ("batch_size", "device", "max_concurrency"):
-        settings["backend"].pop(key, None)
-    check_settings(job.output_dir, SETTINGS_FILE, settings, job.resume)
-    if job.resume:
-        refuse_changed(job.output_dir, GROUPS_NAME,
-                       {str(r["id"]): {"rollout record": content_sha(r)} for r in records},
-                       lambda g, _: {"rollout record": g["input_sha"]} if "input_sha" in g else None,
-                       shard_index=job.own_shard)
+    fingerprint = {"pairs": asdict(args), "sampling": asdict(sampling), "backend": backend_args.fingerprint()}
+    changed = ({str(r["id"]): {"rollout record": content_sha(r)} for r in records},
+               lambda g, _: {"rollout record": g["input_sha"]} if "input_sha" in g else None)
     systems = {r.get("system_prompt") for r in records} - {None}
     if systems:  # MMPR records carry no system prompt: training must add it
         logger.warning("the rollouts used a system prompt; train on these pairs with --system_prompt %r",
                        sorted(systems)[0])
-    owned = backend is None  # a backend handed in stays open for its owner
-    if owned and job.backend_in_driver and any(wants_dropout(args, r) for r in records):
-        backend = backend_args.make(continuation=True)  # fails at start, one line, when the policy cannot be used
-    worker = PairsWorker(args, sampling, backend_args, backend)
-    try:
-        job_summary = run_job(records, worker, job.output_dir, name=GROUPS_NAME, num_shards=job.num_shards,
-                              shard_index=job.shard_index, batch_size=job.batch_size, desc="pairs",
-                              fatal_errors=(BackendUnavailable,), **job.run_kwargs())
-    finally:
-        if owned and worker.backend is not None:
-            worker.backend.close()
+    # in the driver only for DropoutNTP, and then built up front: one line at start when the policy cannot be used
+    needs_backend = job.backend_in_driver and any(wants_dropout(args, r) for r in records)
+    job_summary = run_backend_job(records, PairsWorker(PairsSettings(args, sampling, backend_args), backend), job,
+                                  name=GROUPS_NAME, desc="pairs", settings_file=SETTINGS_FILE,
+                                  fingerprint=fingerprint, changed=changed, needs_backend=needs_backend)
     if job.num_shards > 1:
         return {"job": asdict(job_summary)}
     with ResultStore(job.output_dir, GROUPS_NAME) as store:
@@ -545,16 +500,12 @@ def run(args: PairsArguments, backend_args: BackendArguments, sampling: DropoutS
     return summary
 
 
-def main(argv: list[str]) -> int:
-    args, backend_args, sampling, job = parse_args(
-        (PairsArguments, BackendArguments, DropoutSampling, JobArguments), argv, "mmalign pairs")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    summary = run(args, backend_args, sampling, job)
-    if "pairs" in summary:
-        print(summary_line(summary))
-        print(f"MMPR data: {Path(job.output_dir) / 'meta.json'}")
-    else:
-        print("shard done: rerun with num_shards 1 once every shard has ended to write meta.json")
-    from rlhf.jobs.runner import JobSummary
+def _report(summary: dict[str, Any], job: JobArguments) -> tuple[JobSummary, list[str]]:
+    if "pairs" not in summary:
+        return JobSummary(**summary["job"]), ["shard done: rerun with num_shards 1 once every shard has ended to "
+                                              "write meta.json"]
+    return JobSummary(**summary["job"]), [summary_line(summary), f"MMPR data: {Path(job.output_dir) / 'meta.json'}"]
 
-    return job.failure_status(JobSummary(**summary["job"]))
+
+def main(argv: list[str]) -> int:
+    return job_main(argv, "mmalign pairs", PairsArguments, DropoutSampling, run, _report)

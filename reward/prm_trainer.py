@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from rlhf.checkpoint import ResumeMixin
+
 from .prm_collator import ROW_COLUMNS, PRMCollator
 from .prm_config import LabelMode, VisualPRMConfig
 from .prm_data import judgement_ids
@@ -29,7 +31,7 @@ from .prm_losses import hard_token_losses, plus_probability, soft_token_losses
 from .prm_metrics import IGNORE, prm_eval_metrics
 
 
-class VisualPRMTrainer(Trainer):
+class VisualPRMTrainer(ResumeMixin, Trainer):
     """`transformers.Trainer` for a generative PRM. `train_dataset` / `eval_dataset` hold rows from `encode_row`
     (see `reward.prm_job.build_rows`)."""
 
@@ -56,15 +58,6 @@ class VisualPRMTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = list(ROW_COLUMNS)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Resume checkpoints saved under legacy weight names (InternVL in transformers 5) through
-        `from_pretrained` (`rlhf.checkpoint`); the Trainer's own loading would drop those weights silently."""
-        from rlhf.checkpoint import load_renamed_checkpoint
-
-        target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if not load_renamed_checkpoint(target, resume_from_checkpoint, fsdp=self.is_fsdp_enabled):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def judgement_loss(self, model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(token-mean loss over the 2N supervised tokens, P(+) per judgement (N,), detached) for one batch."""

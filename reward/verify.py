@@ -5,6 +5,8 @@ Best-of-N evaluation. Reference section 2, "Extract the answer" and "Judge again
 
 - Extract: the content of the last balanced `\\boxed{...}` (or `\\fbox{...}`), else the text after the
   last "Answer:" / "Final answer:".
+- Rewrite (`fix_answer`, the pairs job's `answer_fix`): the final answer replaced by the ground truth, found by
+  the same box scanner.
 - Judge: exact (case-insensitive) match, else the best of the matchers of the data set's MODE
   (`AnswerMode`, chosen by name as InternVL does: `mode_for_source`): chart-style sets relaxed numeric (5%)
   only; docvqa / infographics ANLS (1 - normalised edit distance: the similarity, not the distance the public
@@ -55,7 +57,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -99,16 +101,25 @@ def _closing_brace(text: str, start: int) -> int:
     return -1
 
 
-def _last_box(text: str) -> str | None | object:
-    """Content of the last top-level box, None when there is no box, `_UNBALANCED` when it never closes."""
-    last: str | None | object = None
+def _boxes(text: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of the content of each top-level box in order, `text[start:end]`; a box that never closes
+    comes last, with end -1."""
     pos = 0
     while (m := _BOX_RE.search(text, pos)) is not None:
         end = _closing_brace(text, m.end())
+        yield m.end(), end
+        if end < 0:
+            return
+        pos = end + 1  # boxes nested in this one are part of its content
+
+
+def _last_box(text: str) -> str | None | object:
+    """Content of the last top-level box, None when there is no box, `_UNBALANCED` when it never closes."""
+    last: str | None | object = None
+    for start, end in _boxes(text):
         if end < 0:
             return _UNBALANCED
-        last = text[m.end() : end]
-        pos = end + 1  # boxes nested in this one are part of its content
+        last = text[start:end]
     return last
 
 
@@ -150,6 +161,29 @@ def boxed_answer(text: str) -> str | None:
     if box is None or box is _UNBALANCED:
         return None
     return extract_answer(text)
+
+
+_ANSWER_LINE_RE = re.compile(r"answer\s*:", re.IGNORECASE)  # what `fix_answer` rewrites without a box
+
+
+def fix_answer(text: str, answer: str) -> str:
+    """`text` with its final answer replaced by `answer` (the pairs job's `answer_fix`): the content of the last
+    balanced `\\boxed{}` / `\\fbox{}` (a box that never closes is passed over), else the rest of the line after the
+    last "Answer:" (any case); unchanged when it has neither."""
+    span = None
+    for start, end in _boxes(text):
+        if end >= 0:
+            span = (start, end)
+    if span is not None:
+        return text[:span[0]] + answer + text[span[1]:]
+    last = None
+    for last in _ANSWER_LINE_RE.finditer(text):
+        pass
+    if last is None:
+        return text
+    line_end = text.find("\n", last.end())
+    line_end = len(text) if line_end < 0 else line_end
+    return text[:last.end()] + " " + answer + text[line_end:]
 
 
 # ---------------------------------------------------------------------------------------------------

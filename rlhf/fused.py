@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
 
-from .losses import TERM_METRIC, MPOTerm, implicit_rewards, mpo_losses
+from .losses import TERM_METRIC, MPOTerm, RewardShiftTracker, implicit_rewards, mpo_losses, shift_for
 
 DEFAULT_CHUNK_TOKENS = 1024
 DEFAULT_VOCAB_TILE = 8192
@@ -262,8 +261,7 @@ def _coefficients(token_logps, masks, refs, delta, spec: _Spec):
         leaves = [t.detach().requires_grad_() for t in token_logps]
         seq_logps = [t.sum(dim=-1) for t in leaves]  # padding entries are zero
         rewards = [implicit_rewards(lp, ref, spec.beta) for lp, ref in zip(seq_logps, refs)]
-        if callable(delta):  # δ computed from this batch's rewards (the running mean is updated before use)
-            delta = delta(rewards[0].detach(), rewards[1].detach())
+        delta = shift_for(delta, rewards[0], rewards[1])  # a tracker is updated from this batch's rewards first
         total, terms = mpo_losses(rewards[0], rewards[1], delta, leaves[0], masks[0],
                                   list(spec.loss_types), list(spec.loss_weights))
         coefs = [torch.zeros_like(t) for t in leaves]
@@ -385,7 +383,7 @@ def fused_mpo_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float,
-    delta: torch.Tensor | float | Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float],
+    delta: torch.Tensor | float | RewardShiftTracker,
     loss_types: list[str],
     loss_weights: list[float],
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -398,8 +396,8 @@ def fused_mpo_loss(
     chosen/rejected_targets (B, T) token ids; masks (B, T), true at real tokens (a row may be all padding);
     ref_*_logps (B,): reference sums. lm_weight (V, H) and lm_bias (V,) or None, in the hidden states' dtype;
     fp32 and bf16 both run with fp32 softmax math and fp32 gradient accumulation, and the gradients come back
-    in the input dtype. `delta`, the BCO reward shift, is a float, a 0-dim tensor or a callable given this batch's
-    detached (chosen_rewards, rejected_rewards) after pass 1 (to update a running mean before use); no gradient.
+    in the input dtype. `delta`, the BCO reward shift, is a float, a 0-dim tensor or the trainer's
+    `RewardShiftTracker`, updated from this batch's detached rewards after pass 1, before use; no gradient.
 
     Returns the weighted total (fp32) and aux, detached: chosen_logps, rejected_logps (per-sequence sums),
     chosen_rewards, rejected_rewards and each term's unweighted value under its `TERM_METRIC` name."""

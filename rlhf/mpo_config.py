@@ -10,23 +10,11 @@ from enum import StrEnum
 from trl import DPOConfig
 
 from .args import SettingError
-from .losses import MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS
+from .losses import MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, RewardShift
 
 # the loss types DPOTrainer.dpo_loss of the pinned TRL series (1.16) computes
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-
-
-class RewardShift(StrEnum):
-    """How δ, the reward shift of the quality (BCO) term, is computed."""
-
-    # Published MPO (InternVL's trainer): a cumulative mean of per-step batch means. Each forward, each rank adds ONE
-    # sample, the mean of its batch's chosen and rejected rewards, whatever its batch size.
-    RUNNING_MEAN = "running_mean"
-    # Ours: a cumulative mean of every reward seen so far (each reward weighted once, so a rank or step with a bigger
-    # batch counts more). Agrees with RUNNING_MEAN only when every step on every rank has the same batch size.
-    REWARD_MEAN = "reward_mean"
-    NONE = "none"  # δ = 0, what TRL 1.16's `bco_pair` computes
 
 
 class OverflowAction(StrEnum):

@@ -15,13 +15,12 @@ one, so generation and TRL's own paths are unchanged.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from .fused import chunked_token_logps, fused_mpo_loss
-from .losses import implicit_rewards, mpo_losses
+from .losses import RewardShiftTracker, implicit_rewards, mpo_losses, shift_for
 from .packing import packed_forward
 
 DPO_KEYS = ("input_ids", "attention_mask", "pixel_values")
@@ -31,13 +30,13 @@ PACKED_KEYS = ("input_ids", "attention_mask", "position_ids", "segment_ids", "pi
 
 @dataclass
 class MPOHeadSpec:
-    """What the wrapped forward computes. `delta` is a float or a function of the batch's (chosen, rejected)
-    rewards returning δ (the running mean is updated before use); `reference=True` returns log-probs only."""
+    """What the wrapped forward computes. `delta` is δ itself or the trainer's `RewardShiftTracker`, updated from
+    the batch's rewards before use; `reference=True` returns log-probs only."""
 
     beta: float = 0.1
     loss_types: list[str] = field(default_factory=lambda: ["sigmoid", "bco_pair", "sft"])
     loss_weights: list[float] = field(default_factory=lambda: [0.8, 0.2, 1.0])
-    delta: float | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = 0.0
+    delta: float | torch.Tensor | RewardShiftTracker = 0.0
     ref_chosen_logps: torch.Tensor | None = None
     ref_rejected_logps: torch.Tensor | None = None
     fused: bool = True
@@ -93,7 +92,7 @@ def mpo_head_forward(model: torch.nn.Module, batch: dict, spec: MPOHeadSpec) -> 
     chosen_logps, rejected_logps = chosen_tok.sum(-1), rejected_tok.sum(-1)
     chosen_rewards = implicit_rewards(chosen_logps, spec.ref_chosen_logps, spec.beta)
     rejected_rewards = implicit_rewards(rejected_logps, spec.ref_rejected_logps, spec.beta)
-    delta = spec.delta(chosen_rewards.detach(), rejected_rewards.detach()) if callable(spec.delta) else spec.delta
+    delta = shift_for(spec.delta, chosen_rewards, rejected_rewards)
     loss, terms = mpo_losses(chosen_rewards, rejected_rewards, delta, chosen_tok, cm, spec.loss_types, spec.loss_weights)
     return {"loss": loss, "chosen_logps": chosen_logps.detach(), "rejected_logps": rejected_logps.detach(),
             "chosen_rewards": chosen_rewards.detach(), "rejected_rewards": rejected_rewards.detach(),

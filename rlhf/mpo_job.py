@@ -108,7 +108,7 @@ def main(argv: list[str]) -> int:
     final = Path(args.output_dir) / "final"
     model_to_save = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
     save_model_and_processor(model_to_save, processing_class, final)
-    (final / "mpo_state.json").write_text(json.dumps(trainer.mpo_state(), indent=2) + "\n")
+    trainer.write_extra_state(final)  # δ's running statistics, mpo_state.json as in every checkpoint
     from .plots import plot_mpo_history
 
     plot_mpo_history(trainer.state.log_history, Path(args.output_dir) / "mpo_training.png")

@@ -9,14 +9,17 @@ What it overrides (pinned to trl 1.16, checked by tests/test_trl_pins.py):
   plain tokenizer through DPOTrainer's own tokenization (token-identical rows). Image data sets, which DPOTrainer
   does not prepare up front, are converted before its `__init__`.
 - `_compute_loss` also in evaluation: `evaluate()` reports the MPO loss with δ, with or without `compute_metrics`.
-- `train` / `_save_checkpoint`: δ is saved in every checkpoint and restored on resume.
+- resuming (`rlhf.checkpoint.ResumeMixin`): δ's running statistics are saved in every checkpoint (mpo_state.json)
+  and restored on resume; checkpoints under legacy weight names load through `from_pretrained`.
+
+δ is a `rlhf.losses.RewardShiftTracker` the trainer owns (`self.reward_shift`): handed down to the loss through the
+MPO head, updated there from each forward's rewards before use, and read back here for the log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 from pathlib import Path
@@ -27,19 +30,18 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from . import ref_cache
-from .checkpoint import load_renamed_checkpoint
+from .checkpoint import ResumeMixin
 from .collator import ROW_COLUMNS, MPOCollator
-from .losses import TERM_METRIC, MPOTerm, reward_shift_stats, update_running_mean
+from .losses import TERM_METRIC, MPOTerm, RewardShift, RewardShiftTracker
 from .mpo_head import MPOHeadSpec, add_mpo_head
 from .errors import UserError
 from .packing import PackedPairCollator
-from .mpo_config import MPOConfig, RewardShift
+from .mpo_config import MPOConfig
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "mpo_state.json"
@@ -49,13 +51,14 @@ def _is_vision(dataset) -> bool:
     return "image" in dataset.column_names or "images" in dataset.column_names
 
 
-class MPOTrainer(DPOTrainer):
+class MPOTrainer(ResumeMixin, DPOTrainer):
     """DPOTrainer for MPO, a drop-in: `train_dataset` / `eval_dataset` are any data set DPOTrainer accepts (TRL's
     preference formats, with or without images) or token rows of `rlhf.collator.build_rows`; see
     `_prepare_dataset`."""
 
     _tag_names = ["trl", "mmalign", "mpo"]
     _name = "MPO"
+    state_file = STATE_FILE
 
     def __init__(self, model, ref_model=None, args: MPOConfig | None = None, data_collator=None,
                  train_dataset: Dataset | None = None, eval_dataset: Dataset | None = None,
@@ -93,9 +96,10 @@ class MPOTrainer(DPOTrainer):
         for target in (model, ref_model):  # before TRL's init, which may already run reference passes
             if target is not None:
                 add_mpo_head(target.get_base_model() if is_peft_model(target) else target)
-        # δ's running mean and its sample count (float64, identical on every rank; see `update_reward_shift`).
-        self.reward_shift_mean = torch.zeros((), dtype=torch.float64)
-        self.reward_shift_count = torch.zeros((), dtype=torch.float64)
+        # δ, summed over ranks so that every rank holds the same (0 throughout without the quality term)
+        shifted = self._mpo_path and MPOTerm.QUALITY.value in args.loss_type
+        self.reward_shift = RewardShiftTracker(args.reward_shift if shifted else RewardShift.NONE,
+                                               reduce=lambda stats: self.accelerator.reduce(stats, reduction="sum"))
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
@@ -192,20 +196,6 @@ class MPOTrainer(DPOTrainer):
         """mmalign sends nothing anywhere."""
 
     # -- loss -------------------------------------------------------------------------------------------------
-    def update_reward_shift(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-        """δ before use: fold this forward's rewards, from every rank, into the cumulative mean.
-
-        `running_mean` (published, InternVL's trainer): each rank contributes ONE sample, the mean of its batch's
-        chosen and rejected rewards, whatever its batch size (the per-rank scalars are gathered, so a step adds
-        world-size samples). `reward_mean` (ours): every reward is one sample."""
-        stats = reward_shift_stats(chosen_rewards, rejected_rewards,
-                                   per_reward=self.args.reward_shift == RewardShift.REWARD_MEAN)
-        stats = self.accelerator.reduce(stats, reduction="sum").cpu()
-        self.reward_shift_mean, self.reward_shift_count = update_running_mean(
-            self.reward_shift_mean, self.reward_shift_count, stats[0], stats[1]
-        )
-        return self.reward_shift_mean.to(chosen_rewards.device, chosen_rewards.dtype)
-
     def _head_spec(self, **overrides) -> MPOHeadSpec:
         return MPOHeadSpec(beta=self.beta, loss_types=list(self.loss_types), loss_weights=list(self.loss_weights),
                            fused=self.args.fused_loss, chunk_tokens=self.args.loss_chunk_tokens,
@@ -238,18 +228,11 @@ class MPOTrainer(DPOTrainer):
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(
                 self.ref_model if self.ref_model is not None else self.model, inputs)
-        deltas = []
-
-        def delta(chosen_rewards, rejected_rewards):  # δ is updated before use, from this batch's rewards
-            deltas.append(self.update_reward_shift(chosen_rewards, rejected_rewards))
-            return deltas[-1]
-
-        shifted = self.args.reward_shift != RewardShift.NONE and MPOTerm.QUALITY.value in self.loss_types
         batch = {k: v for k, v in inputs.items() if k not in ("ref_chosen_logps", "ref_rejected_logps")}
-        out = model(**batch, mpo=self._head_spec(delta=delta if shifted else 0.0, ref_chosen_logps=ref_chosen,
+        out = model(**batch, mpo=self._head_spec(delta=self.reward_shift, ref_chosen_logps=ref_chosen,
                                                  ref_rejected_logps=ref_rejected))
         terms = {TERM_METRIC[MPOTerm(t)]: out[TERM_METRIC[MPOTerm(t)]] for t in self.loss_types}
-        self.log_mpo_metrics(mode, terms, deltas[-1] if deltas else 0.0, out["chosen_rewards"],
+        self.log_mpo_metrics(mode, terms, self.reward_shift.delta, out["chosen_rewards"],
                              out["rejected_rewards"], out["chosen_logps"], out["rejected_logps"])
         if return_outputs:
             return out["loss"], SimpleNamespace(logits=torch.stack([out["chosen_rewards"], out["rejected_rewards"]], 1))
@@ -269,38 +252,12 @@ class MPOTrainer(DPOTrainer):
             metrics[f"mpo/{name}"].append(self.accelerator.reduce(value.detach(), reduction="mean").item())
         metrics["mpo/reward_shift"].append(float(delta))
 
-    # -- state ------------------------------------------------------------------------------------------------
-    def mpo_state(self) -> dict[str, float]:
-        return {"reward_shift_mean": float(self.reward_shift_mean), "reward_shift_count": float(self.reward_shift_count)}
+    # -- state (written and read by ResumeMixin) ---------------------------------------------------------------
+    def extra_state(self) -> dict[str, float]:
+        return self.reward_shift.state_dict()
 
-    def load_mpo_state(self, checkpoint: str | os.PathLike) -> None:
-        path = Path(checkpoint) / STATE_FILE
-        if not path.is_file():
+    def load_extra_state(self, state: dict[str, float] | None, checkpoint: str | os.PathLike) -> None:
+        if state is None:
             logger.warning("%s has no %s: the reward shift starts from 0", checkpoint, STATE_FILE)
             return
-        state = json.loads(path.read_text())
-        self.reward_shift_mean = torch.tensor(state["reward_shift_mean"], dtype=torch.float64)
-        self.reward_shift_count = torch.tensor(state["reward_shift_count"], dtype=torch.float64)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-            (folder / STATE_FILE).write_text(json.dumps(self.mpo_state(), indent=2) + "\n")
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """transformers 5 saves some architectures (InternVL among them) under their legacy key names, which the
-        Trainer's resume path loads with `load_state_dict(strict=False)` and so silently drops. Load such
-        checkpoints through `from_pretrained`, which maps the names back."""
-        target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if not load_renamed_checkpoint(target, resume_from_checkpoint, fsdp=self.is_fsdp_enabled):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
-        if resume_from_checkpoint:
-            self.load_mpo_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self.reward_shift.load_state_dict(state)

@@ -24,7 +24,7 @@ class RecordShift(TrainerCallback):
         self.history = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.history.append(float(self.trainer_ref[0].reward_shift_mean))
+        self.history.append(float(self.trainer_ref[0].reward_shift.mean))
 
 
 def main(out: str) -> None:
@@ -43,7 +43,7 @@ def main(out: str) -> None:
     (out_dir / f"rank{rank}.json").write_text(json.dumps({
         "world_size": trainer.accelerator.num_processes,
         "shift": callback.history,
-        "count": float(trainer.reward_shift_count),
+        "count": float(trainer.reward_shift.count),
         "param_sum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
     }))
 

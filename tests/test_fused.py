@@ -17,7 +17,7 @@ import torch
 
 import rlhf.fused as fused
 from rlhf.fused import chunked_token_logps, fused_mpo_loss
-from rlhf.losses import MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, implicit_rewards, mpo_losses
+from rlhf.losses import MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, RewardShiftTracker, implicit_rewards, mpo_losses
 
 B, T_C, T_R, H, V = 3, 47, 31, 123, 1009
 BETA, DELTA = 0.1, 0.3
@@ -208,21 +208,16 @@ def test_delta_tensor_gets_no_grad():
     assert abs(aux0["quality_loss"] - ours[1]["quality_loss"]) > 1e-3
 
 
-def test_callable_delta_sees_this_batch_rewards():
-    # δ as a callable of the detached rewards (the trainer's running mean, updated before use): same loss as
-    # passing the value it returns
-    batch, seen = make_batch(seed=9), []
-
-    def shift(chosen_rewards, rejected_rewards):
-        seen.append((chosen_rewards, rejected_rewards))
-        return torch.cat([chosen_rewards, rejected_rewards]).mean()
-
-    loss, aux = fused_mpo_loss(**batch, beta=BETA, delta=shift, loss_types=MPO_LOSS_TYPES,
+def test_tracker_delta_sees_this_batch_rewards():
+    # δ as the trainer's tracker, updated from the detached rewards after pass 1 and before use: from a fresh
+    # reward_mean tracker that is the mean of this batch's 2B rewards, so the loss equals passing that value
+    batch = make_batch(seed=9)
+    tracker = RewardShiftTracker("reward_mean")
+    loss, aux = fused_mpo_loss(**batch, beta=BETA, delta=tracker, loss_types=MPO_LOSS_TYPES,
                                loss_weights=MPO_LOSS_WEIGHTS)
-    (chosen_rewards, rejected_rewards), = seen
-    assert not chosen_rewards.requires_grad
-    assert_agree(chosen_rewards, aux["chosen_rewards"], 1e-7)
     value = torch.cat([aux["chosen_rewards"], aux["rejected_rewards"]]).mean().item()
+    assert tracker.count.item() == 2 * len(aux["chosen_rewards"])
+    assert tracker.mean.item() == pytest.approx(value, rel=1e-6) and not tracker.delta.requires_grad
     loss_value, _ = fused_mpo_loss(**batch, beta=BETA, delta=value, loss_types=MPO_LOSS_TYPES,
                                    loss_weights=MPO_LOSS_WEIGHTS)
     assert loss.item() == pytest.approx(loss_value.item(), rel=1e-6)

@@ -16,7 +16,7 @@ from data_gen.backends.base import GenerationResult, RolloutBackend
 from data_gen.label_steps import (LabelMode, LabelStepsArguments, MCPrefix, MCSettings, MCTask, continuation_seed,
                                   monte_carlo, read_solutions, run, search_split, step_prefix)
 from data_gen.prompts import build_prompt
-from data_gen.rollout import BackendArguments, JobArguments, SamplingArguments
+from data_gen.job_common import BackendArguments, JobArguments, SamplingArguments
 from rlhf.jobs.runner import FatalJobError, JobInputError
 from rlhf.errors import UserError
 from reward.formats import from_visualprm_conversation, hard_label, join_steps, read_jsonl, split_steps
@@ -391,7 +391,7 @@ def test_plain_solution_input_and_bad_input(tmp_path):
 
 
 def test_cli_one_line_error_and_tiny_recipe_parses(tmp_path, capsys):
-    from data_gen.rollout import parse_args
+    from rlhf.args import parse_job_args
     from rlhf.cli import main
 
     path = write_input(tmp_path, [{"id": "a", "question": "Q", "solution": "x"}])
@@ -399,7 +399,7 @@ def test_cli_one_line_error_and_tiny_recipe_parses(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("mmalign label-steps:") and "answer: missing" in err
     root = Path(__file__).resolve().parents[1]
-    args, backend, sampling, job = parse_args(
+    args, backend, sampling, job = parse_job_args(
         (LabelStepsArguments, BackendArguments, SamplingArguments, JobArguments),
         ["--config", str(root / "recipes/data/tiny_label_steps.yaml"), "--output_dir", str(tmp_path / "t")],
         "mmalign label-steps")

@@ -8,12 +8,14 @@ import torch
 from rlhf.losses import (
     MPO_LOSS_TYPES,
     MPO_LOSS_WEIGHTS,
+    RewardShiftTracker,
     generation_loss,
     implicit_rewards,
     mpo_losses,
     preference_loss,
     quality_loss,
     reward_shift_stats,
+    shift_for,
     update_running_mean,
 )
 
@@ -110,6 +112,51 @@ def test_reward_shift_single_rank_batches_of_one_to_four():
     a = [m for m, _ in _delta_over_steps(even, per_reward=False)]
     b = [m for m, _ in _delta_over_steps(even, per_reward=True)]
     assert a == pytest.approx(b) and a == pytest.approx([9 / 8, (9 + 2 + 4) / 16])
+
+
+def test_reward_shift_tracker_rules_and_state():
+    # The single-rank steps above (step k: chosen all k, rejected all 0, k pairs): running_mean gives
+    # 0.5, 0.75, 1.0, 1.25 (one sample per step); reward_mean 1.5 over 20 rewards after step 4; none 0 throughout.
+    steps = [(torch.full((k,), float(k)), torch.zeros(k)) for k in (1, 2, 3, 4)]
+    published, ours, off = RewardShiftTracker("running_mean"), RewardShiftTracker("reward_mean"), RewardShiftTracker("none")
+    deltas = [published.update(c, r) for c, r in steps]
+    assert [d.item() for d in deltas] == [0.5, 0.75, 1.0, 1.25]
+    assert deltas[-1].dtype == torch.float32 and published.delta is deltas[-1]  # in the rewards' dtype; kept for the log
+    assert (published.mean.dtype, published.count.item()) == (torch.float64, 4.0)
+    for c, r in steps:
+        ours.update(c, r)
+    assert (ours.mean.item(), ours.count.item()) == (pytest.approx(1.5), 20.0)
+    assert [off.update(c, r) for c, r in steps] == [0.0] * 4 and off.state_dict() == {
+        "reward_shift_mean": 0.0, "reward_shift_count": 0.0}
+    # a checkpoint's state continues exactly: after steps 1-2 (mean 0.75, count 2), step 3 gives 1.0
+    resumed = RewardShiftTracker("running_mean")
+    resumed.load_state_dict({"reward_shift_mean": 0.75, "reward_shift_count": 2.0})
+    assert resumed.update(*steps[2]).item() == 1.0 and resumed.state_dict() == {
+        "reward_shift_mean": 1.0, "reward_shift_count": 3.0}
+
+
+def test_reward_shift_tracker_sums_over_ranks():
+    # step 1 of the two-rank example above, seen from rank 0 (chosen [1, 3], rejected [0, 0]: batch mean 1.0);
+    # `reduce` adds rank 1's (sum 3.0, count 1) as the all-reduce would: δ = (1 + 3) / 2 = 2.0 over 2 samples
+    seen = []
+
+    def all_reduce(stats):
+        seen.append(stats.tolist())
+        return stats + torch.tensor([3.0, 1.0], dtype=torch.float64)
+
+    tracker = RewardShiftTracker("running_mean", reduce=all_reduce)
+    assert tracker.update(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0])).item() == 2.0
+    assert seen == [[1.0, 1.0]] and tracker.count.item() == 2.0
+    assert RewardShiftTracker("none", reduce=all_reduce).update(torch.ones(1), torch.ones(1)) == 0.0
+    assert len(seen) == 1  # none takes part in no collective
+
+
+def test_shift_for_updates_a_tracker_and_passes_a_value():
+    chosen = torch.tensor([1.0, 3.0], requires_grad=True)
+    rejected = torch.tensor([0.0, 0.0])
+    assert shift_for(0.125, chosen, rejected) == 0.125
+    delta = shift_for(RewardShiftTracker("reward_mean"), chosen, rejected)
+    assert delta.item() == 1.0 and not delta.requires_grad  # (1 + 3 + 0 + 0) / 4, from detached rewards
 
 
 def test_mpo_total_and_terms():

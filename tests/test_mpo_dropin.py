@@ -88,7 +88,7 @@ def test_trl_dataset_running_mean_differs_by_the_delta_term(tmp_path, tiny_proce
         return (-F.logsigmoid(rc - d) - F.logsigmoid(-(rr - d))).mean()
 
     expected_gap = 0.2 * (bco(delta) - bco(0.0))
-    assert ours.reward_shift_mean.item() == pytest.approx(delta.item(), abs=1e-6)
+    assert ours.reward_shift.mean.item() == pytest.approx(delta.item(), abs=1e-6)
     assert abs(delta.item()) > 1e-3 and abs(expected_gap.item()) > 1e-5  # the term is really there
     assert (loss_ours - loss_theirs).item() == pytest.approx(expected_gap.item(), abs=1e-5)
 

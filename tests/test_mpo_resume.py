@@ -30,18 +30,18 @@ def test_resume_continues_reward_shift_and_loss(tmp_path, preference_rows, tiny_
     checkpoint = tmp_path / "split" / "checkpoint-3"
     saved = json.loads((checkpoint / STATE_FILE).read_text())
     assert saved["reward_shift_count"] == 3  # published δ: one sample (the batch mean of rewards) per step
-    assert saved["reward_shift_mean"] == pytest.approx(float(first.reward_shift_mean), abs=0)
+    assert saved["reward_shift_mean"] == pytest.approx(float(first.reward_shift.mean), abs=0)
     resumed = run(tmp_path, "split", preference_rows, tiny_processor, resume=str(checkpoint))
     expected, got = losses(full), losses(resumed)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]  # steps 1-3 come back from the checkpoint's trainer_state.json
     for step in (4, 5, 6):
         assert got[step][0] == pytest.approx(expected[step][0], abs=1e-5)
         assert got[step][1] == pytest.approx(expected[step][1], abs=1e-6)
-    assert float(resumed.reward_shift_mean) == pytest.approx(float(full.reward_shift_mean), abs=1e-9)
-    assert float(resumed.reward_shift_count) == float(full.reward_shift_count) == 6
+    assert float(resumed.reward_shift.mean) == pytest.approx(float(full.reward_shift.mean), abs=1e-9)
+    assert float(resumed.reward_shift.count) == float(full.reward_shift.count) == 6
 
 
 def test_resume_true_finds_last_checkpoint(tmp_path, preference_rows, tiny_processor):
     run(tmp_path, "auto", preference_rows, tiny_processor, stop_at=3)
     resumed = run(tmp_path, "auto", preference_rows, tiny_processor, resume=True)
-    assert float(resumed.reward_shift_count) == 6
+    assert float(resumed.reward_shift.count) == 6

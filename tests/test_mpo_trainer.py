@@ -104,14 +104,14 @@ def test_running_mean_shift_matches_formula(tmp_path, tiny_internvl, preference_
         qual = (-F.logsigmoid(rc - delta) - F.logsigmoid(-(rr - delta))).mean()
         gen = -pol_tok.chunk(2)[0].sum() / mask.chunk(2)[0].sum()
         assert loss.item() == pytest.approx((0.8 * pref + 0.2 * qual + gen).item(), abs=1e-5)
-        assert ours.reward_shift_mean.item() == pytest.approx(delta.item(), abs=1e-6)
-        assert ours.reward_shift_count.item() == step + 1
+        assert ours.reward_shift.mean.item() == pytest.approx(delta.item(), abs=1e-6)
+        assert ours.reward_shift.count.item() == step + 1
         m = ours._metrics["train"]
         assert m["mpo/preference_loss"][-1] == pytest.approx(pref.item(), abs=1e-5)
         assert m["mpo/quality_loss"][-1] == pytest.approx(qual.item(), abs=1e-5)
         assert m["mpo/generation_loss"][-1] == pytest.approx(gen.item(), abs=1e-5)
         assert m["mpo/reward_shift"][-1] == pytest.approx(delta.item(), abs=1e-6)
-    assert abs(ours.reward_shift_mean.item()) > 1e-4  # the perturbation makes δ non-trivial
+    assert abs(ours.reward_shift.mean.item()) > 1e-4  # the perturbation makes δ non-trivial
 
 
 @pytest.mark.parametrize("rule", ["running_mean", "reward_mean"])
@@ -128,8 +128,8 @@ def test_reward_shift_rules_with_unequal_batches(tmp_path, tiny_internvl, prefer
             rewards = 0.1 * (sequence_logps(policy, batch)[0].sum(1) - sequence_logps(ref, batch)[0].sum(1))
         means.append(rewards.mean().item())
     expected = (means[0] + means[1]) / 2 if rule == "running_mean" else (6 * means[0] + 2 * means[1]) / 8
-    assert ours.reward_shift_mean.item() == pytest.approx(expected, abs=1e-6)
-    assert ours.reward_shift_count.item() == (2 if rule == "running_mean" else 8)
+    assert ours.reward_shift.mean.item() == pytest.approx(expected, abs=1e-6)
+    assert ours.reward_shift.count.item() == (2 if rule == "running_mean" else 8)
     assert abs(means[0] - means[1]) > 1e-3  # the two rules really differ on these batches
 
 
@@ -190,4 +190,4 @@ def test_text_only_causal_lm(tmp_path, tiny_processor):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    assert trainer.reward_shift_count.item() == 2  # 2 steps, one batch mean each (published δ)
+    assert trainer.reward_shift.count.item() == 2  # 2 steps, one batch mean each (published δ)

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from data_gen.backends import GenerationRequest, GenerationResult, RolloutBackend, SamplingParams
-from data_gen.pairs import (DropoutSampling, PairsArguments, cap, dropout_prefix, fix_answer, group_responses, run,
+from data_gen.job_common import BackendArguments, JobArguments
+from data_gen.pairs import (DropoutSampling, PairsArguments, cap, dropout_prefix, group_responses, run,
                             strip_images, truncate_at_divergence)
 from data_gen.prompts import build_prompt
-from data_gen.rollout import BackendArguments, JobArguments
 from rlhf.jobs.runner import item_seed
 from reward.verify import judge
 
@@ -159,13 +159,6 @@ def test_pairs_job_truncates_rejected_responses(tmp_path, rollouts):
                                     "steps_kept": 2, "steps": 2}
     fmt = read_jsonl(out / "format_negative.jsonl")[0]  # a one-step rejected response stays whole
     assert fmt["rejected"] == "I cannot tell."
-
-
-def test_answer_fix():
-    assert fix_answer("x = 24.0\n\nAnswer: \\boxed{24.0}", "24") == "x = 24.0\n\nAnswer: \\boxed{24}"
-    assert fix_answer("\\boxed{1} then \\boxed{\\frac{1}{2}} done", "0.5") == "\\boxed{1} then \\boxed{0.5} done"
-    assert fix_answer("Final answer: 24.0\nThanks", "24") == "Final answer: 24\nThanks"
-    assert fix_answer("no answer here", "24") == "no answer here"
 
 
 def test_cap_is_a_seeded_choice_in_order():

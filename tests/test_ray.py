@@ -49,7 +49,7 @@ def one_torch_thread():
 
 def test_ray_rollout_and_label_steps_equal_the_local_executor_byte_for_byte(tmp_path, ray_session, one_torch_thread):
     from data_gen import label_steps, rollout
-    from data_gen.rollout import BackendArguments, JobArguments, SamplingArguments
+    from data_gen.job_common import BackendArguments, JobArguments, SamplingArguments
 
     questions = tmp_path / "train.jsonl"  # 6 questions with images
     questions.write_text("\n".join((QUESTIONS / "train.jsonl").read_text().splitlines()[:6]) + "\n")

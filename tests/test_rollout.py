@@ -14,8 +14,8 @@ from PIL import Image
 from data_gen.backends import GenerationRequest, GenerationResult, RolloutBackend, SamplingParams
 from data_gen.backends.hf import HFBackend, pick_tokens, sample_seed
 from data_gen.prompts import build_prompt
-from data_gen.rollout import (BackendArguments, JobArguments, RolloutArguments, SamplingArguments, read_questions,
-                              run)
+from data_gen.job_common import BackendArguments, JobArguments, SamplingArguments, read_questions
+from data_gen.rollout import RolloutArguments, run
 from rlhf.jobs.runner import item_seed
 from rlhf.processing import chat_prompt
 
@@ -367,15 +367,15 @@ def test_unreachable_backend_stops_with_one_line(tmp_path, capsys):
 
 def test_tiny_recipes_parse():
     from data_gen.pairs import DropoutSampling, PairsArguments
-    from data_gen.rollout import parse_args
+    from rlhf.args import parse_job_args
 
     recipes = QUESTIONS.parent
-    r, b, s, j = parse_args((RolloutArguments, BackendArguments, SamplingArguments, JobArguments),
-                            ["--config", str(recipes / "tiny_rollout.yaml"), "--output_dir", "x"], "t")
+    r, b, s, j = parse_job_args((RolloutArguments, BackendArguments, SamplingArguments, JobArguments),
+                                ["--config", str(recipes / "tiny_rollout.yaml"), "--output_dir", "x"], "t")
     assert (r.num_samples, b.model, b.backend_kwargs["device"], s.max_new_tokens, j.output_dir) == (
         4, "tiny-internvl", "cpu", 24, "x")
-    p, b, s, j = parse_args((PairsArguments, BackendArguments, DropoutSampling, JobArguments),
-                            ["--config", str(recipes / "tiny_pairs.yaml")], "t")
+    p, b, s, j = parse_job_args((PairsArguments, BackendArguments, DropoutSampling, JobArguments),
+                                ["--config", str(recipes / "tiny_pairs.yaml")], "t")
     assert (p.dropout_ntp, p.max_pairs_per_question, s.temperature, j.output_dir) == ("all", 15, 0.7,
                                                                                       "outputs/tiny_pairs")
     assert math.isclose(p.dropout_ratio, 0.5)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from data_gen.rollout import BackendArguments, JobArguments, RolloutArguments, SamplingArguments, run
+from data_gen.job_common import BackendArguments, JobArguments, SamplingArguments
+from data_gen.rollout import RolloutArguments, run
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = REPO / "recipes" / "data" / "tiny_questions"

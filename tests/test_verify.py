@@ -22,6 +22,7 @@ from reward.verify import (
     anls,
     answer_score,
     extract_answer,
+    fix_answer,
     is_correct,
     judge,
     levenshtein,
@@ -65,6 +66,27 @@ def test_extract_answer(text, expected):
 def test_extract_answer_rejects_non_text():
     with pytest.raises(TypeError, match="expects a str"):
         extract_answer(None)
+
+
+@pytest.mark.parametrize(
+    "text, answer, expected",
+    [
+        ("x = 24.0\n\nAnswer: \\boxed{24.0}", "24", "x = 24.0\n\nAnswer: \\boxed{24}"),
+        # the last box's whole balanced content, nested braces and all; earlier boxes stay
+        ("\\boxed{1} then \\boxed{\\frac{1}{2}} done", "0.5", "\\boxed{1} then \\boxed{0.5} done"),
+        # escaped braces do not close the box (the scanner of extract_answer)
+        ("\\boxed{\\{1, 2\\}}", "{3}", "\\boxed{{3}}"),
+        ("\\fbox{ 5 }.", "6", "\\fbox{6}."),
+        # a last box that never closes is passed over: the balanced one before it is rewritten
+        ("\\boxed{7} and then \\boxed{8", "9", "\\boxed{9} and then \\boxed{8"),
+        # no box: the rest of the line after the last "Answer:", any case
+        ("Final answer: 24.0\nThanks", "24", "Final answer: 24\nThanks"),
+        ("Answer: 5\nanswer : 6 cm\nok", "7", "Answer: 5\nanswer : 7\nok"),
+        ("no answer here", "24", "no answer here"),
+    ],
+)
+def test_fix_answer(text, answer, expected):
+    assert fix_answer(text, answer) == expected
 
 
 # --------------------------------------------------------------------------------------------------

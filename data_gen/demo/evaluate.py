@@ -239,7 +239,7 @@ def prm_warnings(exact: dict[str, Any]) -> list[str]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    from ..rollout import json_lines
+    from ..job_common import json_lines
 
     return [obj for _, _, obj in json_lines(path)]
 

@@ -138,13 +138,13 @@ class SFTCollator:
 
 
 def _sft_trainer_class():
-    """`Trainer` whose resume restores InternVL weights. transformers 5 saves InternVL under its legacy key names,
-    which `Trainer._load_from_checkpoint` loads with `load_state_dict(strict=False)` and so silently drops (the run
-    would go on from the initial weights); `from_pretrained` maps the names back. (MPOTrainer does the same.)"""
-    from safetensors import safe_open
-    from transformers import PreTrainedModel, Trainer
+    """`Trainer` with the auxiliary reading target, whose resume restores InternVL weights saved under legacy key
+    names (`rlhf.checkpoint.ResumeMixin`, as MPOTrainer and VisualPRMTrainer)."""
+    from transformers import Trainer
 
-    class SFTTrainer(Trainer):
+    from rlhf.checkpoint import ResumeMixin
+
+    class SFTTrainer(ResumeMixin, Trainer):
         def __init__(self, *args, reading_loss_weight: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.reading_loss_weight = reading_loss_weight
@@ -173,18 +173,6 @@ def _sft_trainer_class():
                 logs["reading_loss"] = round(sum(self._reading_losses) / len(self._reading_losses), 4)
                 self._reading_losses.clear()
             super().log(logs, *args, **kwargs)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            target = self.accelerator.unwrap_model(model if model is not None else self.model)
-            weights = Path(resume_from_checkpoint) / "model.safetensors"
-            if isinstance(target, PreTrainedModel) and weights.is_file():
-                with safe_open(str(weights), "pt") as f:
-                    renamed = set(f.keys()) != set(target.state_dict())
-                if renamed:
-                    saved = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
-                    target.load_state_dict(saved.state_dict(), strict=True)
-                    return
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     return SFTTrainer
 
