@@ -472,7 +472,7 @@ class LabelStepsWorker:
     def __call__(self, items: list[SolutionItem]) -> list[dict | Failure]:
         from reward.steps import segment_steps
 
-        from rlhf.data import ImageLoadError
+        from rlhf.data.images import ImageLoadError
 
         if self.backend is None:
             self.backend = self.settings.backend.make(continuation=True)

@@ -184,8 +184,8 @@ def parse_args(types: tuple, argv: list[str], prog: str) -> tuple:
 
 def resolve_image(root: str | Path, ref: str) -> Path:
     """`ref` resolved against `root` (symlinks and `..` followed); ValueError when it lands outside `root`
-    (`rlhf.data.resolve_image`, the rule of every reader)."""
-    from rlhf.data import resolve_image as confined
+    (`rlhf.data.images.resolve_image`, the rule of every reader)."""
+    from rlhf.data.images import resolve_image as confined
 
     return confined(root, ref)
 
@@ -293,7 +293,7 @@ def _question(obj: Any, where: str, root: str) -> Question:
 
 
 def _questions_from_mmpr(path: Path) -> list[Question]:
-    from rlhf.data import read_mmpr
+    from rlhf.data.mmpr import read_mmpr
 
     questions, seen = [], set()
     for record in read_mmpr(path):
@@ -315,7 +315,7 @@ def _questions_from_mmpr(path: Path) -> list[Question]:
 
 def load_question_images(q: Question) -> list:
     """The question's images as RGB PIL images; ValueError/ImageLoadError naming the file on failure."""
-    from rlhf.data import load_image
+    from rlhf.data.images import load_image
 
     return [load_image(resolve_image(q.image_root, ref)) for ref in q.image_refs]
 
@@ -356,7 +356,7 @@ class RolloutWorker:
         return {"settings": self.settings, "backend": None}
 
     def __call__(self, questions: list[Question]) -> list[dict | Failure]:
-        from rlhf.data import ImageLoadError
+        from rlhf.data.images import ImageLoadError
 
         if self.backend is None:
             self.backend = self.settings.backend.make()

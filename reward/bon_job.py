@@ -129,7 +129,7 @@ def _str(value: Any, name: str, *, blank_ok: bool = False) -> str:
 
 
 def _image_list(obj: dict, root: Path) -> list[str]:
-    from rlhf.data import image_problem, resolve_image
+    from rlhf.data.images import image_problem, resolve_image
 
     if "image" in obj and "images" in obj:
         raise FormatError("images", "either 'image' or 'images', not both")

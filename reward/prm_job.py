@@ -232,7 +232,7 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
                image_root: str | Path | None = None, max_dynamic_patch: int | None = None) -> list[dict[str, Any]]:
     """Token rows for `VisualPRMTrainer`. Missing images and unencodable records raise `PRMDataError` (all of them);
     solutions over `args.max_length` are handled as `args.on_overflow` says, and reported."""
-    from rlhf.data import image_problem, resolve_image
+    from rlhf.data.images import image_problem, resolve_image
 
     from .prm_trainer import encode_row
 
@@ -302,7 +302,7 @@ def prepare_dataset(path: str, processing_class, args: VisualPRMConfig, script: 
     """Read, check (every record of every source, before the first step), tokenize and repeat one data set."""
     from datasets import Dataset
 
-    from rlhf.data import repeat_records
+    from rlhf.data.mmpr import repeat_records
 
     rows, problems = [], []
     for source in read_sources(path, script.image_root):
