@@ -43,7 +43,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from reward.formats import STEP_BREAK, split_steps
+from reward.steps import STEP_BREAK, split_steps
 from rlhf.errors import UserError
 from rlhf.jobs.runner import Failure, JobInputError, item_seed
 from rlhf.jobs.settings import check_settings, content_sha, refuse_changed

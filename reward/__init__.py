@@ -1,5 +1,10 @@
 """mmalign's process reward model: formats, answer verification, PRM training and scoring.
 
+The PRM's data: `formats` (the four record kinds, their conversions, JSON lines), `checks` (`FormatError` and the
+field checks the kinds share), `conversation` (the VisualPRM conversation, its system prompt and `+`/`-`
+judgements), `steps` (splitting a solution into steps). Answers: `verify`. Model: `prm_data`, `prm_trainer`,
+`scorer`; jobs: `prm_job`, `bon_job` (with `bon`), `eval_job`.
+
 `import reward` stays light: the public names below are imported from their module on first use.
 """
 
@@ -14,8 +19,8 @@ _LAZY: dict[str, str] = {
     "VisualPRMTrainer": ".prm_trainer",
     "PRMScorer": ".scorer",
     "as_grpo_reward": ".scorer",
-    "split_steps": ".formats",
-    "to_visualprm_conversation": ".formats",
+    "split_steps": ".steps",
+    "to_visualprm_conversation": ".conversation",
     "extract_answer": ".verify",
     "is_correct": ".verify",
     "answer_score": ".verify",

@@ -48,7 +48,8 @@ from typing import Any, Iterator
 
 from rlhf.errors import UserError
 
-from .formats import PRM_SYSTEM_PROMPT, FormatError
+from .checks import FormatError
+from .conversation import PRM_SYSTEM_PROMPT
 from .scorer import Aggregation, ScoringMethod
 from .steps import compile_step_split
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from rlhf.processing import IM_END, IM_START, IMAGE_PLACEHOLDER, InternVLChatProcessor
 
-from .formats import PRM_SYSTEM_PROMPT, QUESTION_HEADER, Judgement, check_judgement_tokens
+from .conversation import PRM_SYSTEM_PROMPT, QUESTION_HEADER, Judgement, check_judgement_tokens
 
 SOLUTION_HEADER = "\n\n### Solution Process:\n"
 TURN_END = f"{IM_END}\n{IM_START}assistant\n"

@@ -22,12 +22,11 @@ from typing import Any
 
 from rlhf.errors import UserError
 
+from .checks import EmptyStepError, FormatError
+from .conversation import outcome_example
 from .formats import (
     ConversationRecord,
-    EmptyStepError,
-    FormatError,
     MCRecord,
-    outcome_example,
     RecordKind,
     StepwiseRecord,
     mc_to_stepwise,

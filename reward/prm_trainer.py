@@ -39,7 +39,7 @@ from transformers.utils import ModelOutput
 from rlhf.errors import UserError
 from rlhf.processing import InternVLChatProcessor
 
-from .formats import PRM_SYSTEM_PROMPT
+from .conversation import PRM_SYSTEM_PROMPT
 from .prm_data import encode_prm, judgement_ids
 
 ROW_COLUMNS = ["input_ids", "judgement_positions", "scores", "image_paths", "max_patches", "source"]
@@ -87,7 +87,7 @@ class VisualPRMConfig(TrainingArguments):
         "help": "Tile budget per sample; a sample with k images gets max(1, max_dynamic_patch // k) per image."})
     max_steps_per_solution: int | None = field(default=None, metadata={
         "help": "Merge the steps of longer solutions evenly, k = ceil(n / max) consecutive steps per merged step "
-                "(the rule of reward.formats.split_steps; VisualPRM used 12, 16 for the InternVL3 data)."})
+                "(the rule of reward.steps.split_steps; VisualPRM used 12, 16 for the InternVL3 data)."})
     judgement_context: str = field(default="label", metadata={
         "help": "What earlier judgement tokens hold in a training row: 'label' (published: the true labels, teacher "
                 "forcing) or 'plus' (ours: every earlier judgement written as '+', exactly what PRMScorer feeds at "

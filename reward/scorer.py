@@ -35,7 +35,7 @@ from PIL import Image
 
 from rlhf.processing import InternVLChatProcessor
 
-from .formats import PRM_SYSTEM_PROMPT
+from .conversation import PRM_SYSTEM_PROMPT
 from .steps import compile_step_split, split_steps
 from .prm_data import encode_prefix, encode_steps, judgement_ids
 
