@@ -137,14 +137,14 @@ def build_rows(records, processing_class, *, max_length: int | None, on_overflow
                default_max_patches: int = 12, system: str | None = None) -> list[dict[str, Any]]:
     """Tokenize validated records (each distinct record object once: repeated copies share their row), then keep the
     rows that fit `max_length` (`check_lengths`: an overflowing prompt is skipped, rejected or fatal as
-    `on_overflow` says)."""
+    `on_overflow` says); max_length None keeps every row, repeated copies included."""
     built: dict[int, dict[str, Any]] = {}
     for record in records:
         if id(record) not in built:
             built[id(record)] = record_to_row(record, processing_class, default_max_patches, system)
-    if max_length is None:
-        return list(built.values())
     rows = [built[id(record)] for record in records]
+    if max_length is None:
+        return rows
     kept, _ = check_lengths(records, rows, max_length, on_overflow=on_overflow, rejects_path=rejects_path)
     return kept
 

@@ -425,6 +425,15 @@ def test_build_rows_tokenizes_each_record_once_and_fits_the_rows(tiny_processor,
     ]
 
 
+def test_build_rows_without_max_length_keeps_repeated_copies(tiny_processor):
+    """max_length null (no limit): a record that repeat_time repeats stays repeated, as it is with a limit."""
+    from rlhf.collator import build_rows, record_to_row
+
+    record = PreferenceRecord("demo", 1, "What is 2 + 3?", "5", "6")
+    rows = build_rows([record, record], tiny_processor, max_length=None, on_overflow="skip")
+    assert rows == [record_to_row(record, tiny_processor)] * 2
+
+
 # --------------------------------------------------------------------------------------------------- TRL format
 
 
