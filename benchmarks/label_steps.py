@@ -88,7 +88,8 @@ def bench_backend(args, name: str, policy: Path, trained: str, throughput: bool,
     from data_gen.rollout import RolloutArguments
     from data_gen.rollout import run as rollout
     from data_gen.demo.task import TileSumTask, step_truth
-    from reward.formats import hard_label, read_jsonl
+    from reward.conversation import hard_label
+    from reward.formats import read_jsonl
 
     work = Path(args.work_dir) / name
     shutil.rmtree(work, ignore_errors=True)  # made afresh on every run
@@ -181,7 +182,7 @@ def hf_throughput(args, backend, rollouts, records) -> None:
     from data_gen.backends.base import GenerationRequest, SamplingParams
     from data_gen.label_steps import continuation_seed, step_prefix
     from data_gen.prompts import build_prompt
-    from reward.formats import split_steps
+    from reward.steps import split_steps
 
     by_id = {q["id"]: q for q in rollouts}
     requests = []

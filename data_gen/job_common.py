@@ -264,7 +264,7 @@ def _question(obj: Any, where: str, root: str) -> Question:
 
 
 def _questions_from_mmpr(path: Path) -> list[Question]:
-    from rlhf.data import read_mmpr
+    from rlhf.data.mmpr import read_mmpr
 
     questions, seen = [], set()
     for record in read_mmpr(path):
@@ -286,8 +286,8 @@ def _questions_from_mmpr(path: Path) -> list[Question]:
 
 def load_question_images(q: Question) -> list:
     """The question's images as RGB PIL images, each path confined to the question's image root
-    (`rlhf.data.resolve_image`, the rule of every reader); ValueError/ImageLoadError naming the file on failure."""
-    from rlhf.data import load_image, resolve_image
+    (`rlhf.data.images.resolve_image`, the rule of every reader); ValueError/ImageLoadError naming the file on failure."""
+    from rlhf.data.images import load_image, resolve_image
 
     return [load_image(resolve_image(q.image_root, ref)) for ref in q.image_refs]
 
@@ -328,7 +328,7 @@ class BackendWorker:
         raise NotImplementedError
 
     def __call__(self, items: list) -> list[dict | Failure]:
-        from rlhf.data import ImageLoadError
+        from rlhf.data.images import ImageLoadError
 
         outcomes: dict[str, dict | Failure] = {}
         asked, work = [], []

@@ -198,7 +198,7 @@ def continuation_seed(base_seed: int, solution_id: str, step: int, index: int) -
 def step_prefix(steps: list[str], step: int, style: MCPrefix | str = MCPrefix.INTERNVL) -> str:
     """The answer the policy continues from step `step` (0-based): steps 0..step joined by blank lines; with
     `blank_line` also the blank line after which the next step starts."""
-    from reward.formats import STEP_SEPARATOR, join_steps
+    from reward.steps import STEP_SEPARATOR, join_steps
 
     return join_steps(steps[:step + 1]) + (STEP_SEPARATOR if MCPrefix(style) is MCPrefix.BLANK_LINE else "")
 
@@ -206,7 +206,7 @@ def step_prefix(steps: list[str], step: int, style: MCPrefix | str = MCPrefix.IN
 def styled_prefix(prefix: str, style: MCPrefix | str) -> str:
     """A `reward.steps.Step.prefix` (a blank-line piece's ends with one blank line; a `step_split` cut's at the
     cut) in `style`: `internvl` drops that blank line."""
-    from reward.formats import STEP_SEPARATOR
+    from reward.steps import STEP_SEPARATOR
 
     if MCPrefix(style) is MCPrefix.INTERNVL and prefix.endswith(STEP_SEPARATOR):
         return prefix[: -len(STEP_SEPARATOR)]
@@ -265,7 +265,7 @@ class _Cell:
 def _decide(cell: _Cell, s: MCSettings) -> bool | None:
     """The cell's label once certain: faithful waits for all continuations; adaptive stops when the label can no
     longer change (mc = correct / N only grows with more correct ones and is at most (correct + left) / N)."""
-    from reward.formats import hard_label
+    from reward.conversation import hard_label
 
     n = s.num_continuations
     if cell.sampled >= n:
@@ -551,7 +551,8 @@ def write_outputs(output_dir: str | Path) -> LabelSummary:
     first). meta.json is InternVL's meta format: {name: {"annotation": "visualprm.jsonl", "root": the deepest
     folder holding every image, relative to output_dir, "repeat_time": 1}}; visualprm.jsonl's image paths are
     relative to that root, so `mmalign prm --data OUTPUT_DIR/meta.json` reads them confined to it."""
-    from reward.formats import ConversationRecord, hard_label, read_jsonl, write_jsonl
+    from reward.conversation import hard_label
+    from reward.formats import ConversationRecord, read_jsonl, write_jsonl
 
     output_dir = Path(output_dir)
     records = read_jsonl(output_dir / f"{MC_NAME}.jsonl", "mc")

@@ -43,7 +43,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from reward.formats import STEP_BREAK, split_steps
+from reward.steps import STEP_BREAK, split_steps
 from reward.verify import fix_answer
 from rlhf.errors import UserError
 from rlhf.jobs.runner import Failure, JobInputError, JobSummary, item_seed
@@ -255,7 +255,7 @@ class PairsWorker(BackendWorker):
         return [failed.get(group["id"], group) for group, _ in work]
 
     def group(self, record: dict) -> dict:
-        from rlhf.data import resolve_image  # an image path outside the root is a ValueError
+        from rlhf.data.images import resolve_image  # an image path outside the root is a ValueError
 
         qid, responses, gt = str(record["id"]), record["responses"], record.get("answer")
         key = "images" if "images" in record else "image"

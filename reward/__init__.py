@@ -1,6 +1,8 @@
 """mmalign's process reward model: formats, answer verification, PRM training and scoring.
 
-- `verify`: answer extraction and judging; `formats`: the PRM record kinds; `prompts`: question templates;
+- `verify`: answer extraction and judging; `formats`: the PRM record kinds (their conversions, JSON lines), `checks`:
+  `FormatError` and the field checks the kinds share, `conversation`: the VisualPRM conversation, its system prompt
+  and `+`/`-` judgements; `prompts`: question templates;
 - `steps`: a solution's steps (blank lines, `step_split` cuts, the even merge `merge_steps`); `step_settings`: the
   `StepSettings` (step split, step limit, system prompt) that label-steps records, PRM training checks and saves
   beside the weights, and scoring reads from the checkpoint;
@@ -24,8 +26,8 @@ _LAZY: dict[str, str] = {
     "PRMScorer": ".scorer",
     "StepSettings": ".step_settings",
     "as_grpo_reward": ".scorer",
-    "split_steps": ".formats",
-    "to_visualprm_conversation": ".formats",
+    "split_steps": ".steps",
+    "to_visualprm_conversation": ".conversation",
     "extract_answer": ".verify",
     "is_correct": ".verify",
     "answer_score": ".verify",

@@ -54,7 +54,7 @@ from typing import Any, Iterator
 
 from rlhf.errors import UserError
 
-from .formats import FormatError
+from .checks import FormatError
 from .scorer import Aggregation, ScoringMethod
 from .step_settings import StepSettings, scoring_settings
 
@@ -139,7 +139,7 @@ def _str(value: Any, name: str, *, blank_ok: bool = False) -> str:
 
 
 def _image_list(obj: dict, root: Path) -> list[str]:
-    from rlhf.data import image_problem, resolve_image
+    from rlhf.data.images import image_problem, resolve_image
 
     if "image" in obj and "images" in obj:
         raise FormatError("images", "either 'image' or 'images', not both")

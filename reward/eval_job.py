@@ -151,7 +151,8 @@ class BenchRow:
 
 
 def parse_row(obj: Any, line: int, path: str, root: Path) -> BenchRow:
-    from .formats import FormatError, ProcessBenchRecord
+    from .checks import FormatError
+    from .formats import ProcessBenchRecord
 
     record = ProcessBenchRecord.from_json(obj)
     resolved = []

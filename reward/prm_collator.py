@@ -16,7 +16,7 @@ from PIL import Image
 from rlhf.errors import UserError
 from rlhf.processing import InternVLChatProcessor
 
-from .formats import PRM_SYSTEM_PROMPT
+from .conversation import PRM_SYSTEM_PROMPT
 from .prm_data import encode_prm
 
 ROW_COLUMNS = ["input_ids", "judgement_positions", "scores", "image_paths", "max_patches", "source"]

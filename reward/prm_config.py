@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 
 from rlhf.errors import UserError
 
-from .formats import PRM_SYSTEM_PROMPT
+from .conversation import PRM_SYSTEM_PROMPT
 from .step_settings import StepSettings
 from .steps import compile_step_split
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from rlhf.processing import IM_END, IM_START, IMAGE_PLACEHOLDER, InternVLChatProcessor
 
-from .formats import PRM_SYSTEM_PROMPT, QUESTION_HEADER, SOLUTION_HEADER, Judgement, check_judgement_tokens
+from .conversation import PRM_SYSTEM_PROMPT, QUESTION_HEADER, SOLUTION_HEADER, Judgement, check_judgement_tokens
 
 TURN_END = f"{IM_END}\n{IM_START}assistant\n"
 NEXT_TURN = f"\n{IM_START}user\n"

@@ -27,12 +27,11 @@ from typing import Any, Iterator
 
 from rlhf.errors import UserError
 
+from .checks import EmptyStepError, FormatError
+from .conversation import outcome_example
 from .formats import (
     ConversationRecord,
-    EmptyStepError,
-    FormatError,
     MCRecord,
-    outcome_example,
     RecordKind,
     StepwiseRecord,
     mc_to_stepwise,
@@ -225,7 +224,7 @@ def build_rows(path: str | Path, records: list[tuple[int, Any]], processing_clas
                image_root: str | Path | None = None, max_dynamic_patch: int | None = None) -> list[dict[str, Any]]:
     """Token rows for `VisualPRMTrainer`. Missing images and unencodable records raise `PRMDataError` (all of them);
     solutions over `args.max_length` are handled as `args.on_overflow` says, and reported."""
-    from rlhf.data import image_problem, resolve_image
+    from rlhf.data.images import image_problem, resolve_image
 
     from .prm_collator import encode_row
 
@@ -340,7 +339,7 @@ def prepare_dataset(data: PRMData, processing_class, args: VisualPRMConfig, scri
     """Check (every record of every source, before the first step), tokenize and repeat one data set."""
     from datasets import Dataset
 
-    from rlhf.data import repeat_records
+    from rlhf.data.mmpr import repeat_records
 
     rows, problems = [], list(data.problems)
     for source, records in data.sources:

@@ -27,7 +27,7 @@ They travel with the model:
    below for the rest, and a warning says so.
 
 Defaults (`StepSettings()`): no `step_split`, no step limit, the published system prompt
-(`reward.formats.PRM_SYSTEM_PROMPT`), which the released VisualPRM checkpoint expects.
+(`reward.conversation.PRM_SYSTEM_PROMPT`), which the released VisualPRM checkpoint expects.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from typing import Any
 
 from rlhf.errors import UserError
 
-from .formats import PRM_SYSTEM_PROMPT, FormatError
+from .checks import FormatError
+from .conversation import PRM_SYSTEM_PROMPT
 from .steps import Step, compile_step_split, segment_steps
 
 logger = logging.getLogger("mmalign.steps")

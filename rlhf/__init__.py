@@ -1,4 +1,9 @@
-"""mmalign core: InternVL loading and processing, MMPR data, and Mixed Preference Optimization on TRL."""
+"""mmalign core: InternVL loading and processing, preference data, and Mixed Preference Optimization on TRL.
+
+`rlhf.data` reads and validates preference records (MMPR folders, TRL preference data); `rlhf.collator` turns them
+into token rows fitted to max_length, and batches; the MPO loss, config and trainer build on those; `rlhf.jobs`
+runs the resumable data jobs.
+"""
 
 from importlib import import_module
 

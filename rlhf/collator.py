@@ -1,20 +1,29 @@
-"""Preference records -> token rows -> padded MPO batches.
+"""Preference records -> token rows (fitted to max_length) -> padded MPO batches.
 
 A row holds the prompt already formatted as ChatML with every `<image>` expanded to its tiles' tokens (the tile
 count comes from the image size alone, so rows are built without decoding pixels), and the two responses each
-followed by `<|im_end|>` (reference: log-probs include it). Pixels are loaded in the collator, per batch.
+followed by `<|im_end|>` (reference: log-probs include it). `check_lengths` drops the rows whose prompt leaves no
+room for a response. Pixels are loaded in the collator, per batch.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from .data.records import MAX_PRINTED_PROBLEMS, DataValidationError, PreferenceRecord, RecordProblem, record_problem
+from .data.validate import write_rejects
 from .processing import IM_END, IMAGE_PLACEHOLDER, InternVLChatProcessor, chat_prompt
+
+logger = logging.getLogger(__name__)
 
 ROW_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "image_paths", "max_patches", "source", "line"]
 
@@ -45,8 +54,8 @@ def prompt_text(processing_class, question: str, image_paths: list[str], max_pat
 
 
 def record_to_row(record, processing_class, default_max_patches: int = 12, system: str | None = None) -> dict[str, Any]:
-    """Tokenize one `rlhf.data.PreferenceRecord`. The record's own system turn (a conversational TRL prompt) wins
-    over `system`, the default for records without one."""
+    """Tokenize one `rlhf.data.records.PreferenceRecord`. The record's own system turn (a conversational TRL
+    prompt) wins over `system`, the default for records without one."""
     own = getattr(record, "system", None)
     system = own if own is not None else system
     paths = list(record.image_paths)
@@ -116,19 +125,95 @@ class MPOCollator:
         return self.processing_class.image_processor.to_tensor(tiles) if tiles else None
 
 
+class OverflowAction(StrEnum):
+    """What `check_lengths` does with a record whose prompt (image tokens included) leaves no room for a response."""
+
+    SKIP = "skip"  # drop it and log one line per record
+    ERROR = "error"  # raise DataValidationError listing every such record
+    REJECT = "reject"  # drop it, log, and append it to the rejects file
+
+
 def build_rows(records, processing_class, *, max_length: int | None, on_overflow: str, rejects_path=None,
                default_max_patches: int = 12, system: str | None = None) -> list[dict[str, Any]]:
-    """Tokenize validated records; a prompt whose text and image tokens do not fit `max_length` (with room for at
-    least one response token) is reported and skipped, rejected or fatal as `on_overflow` says."""
-    from .data import check_lengths
-
-    rows = {id(r): record_to_row(r, processing_class, default_max_patches, system) for r in records}
-
-    def count_tokens(record) -> tuple[int, int, int]:
-        row = rows[id(record)]
-        return len(row["prompt_ids"]), len(row["chosen_ids"]), len(row["rejected_ids"])
-
+    """Tokenize validated records (each distinct record object once: repeated copies share their row), then keep the
+    rows that fit `max_length` (`check_lengths`: an overflowing prompt is skipped, rejected or fatal as
+    `on_overflow` says); max_length None keeps every row, repeated copies included."""
+    built: dict[int, dict[str, Any]] = {}
+    for record in records:
+        if id(record) not in built:
+            built[id(record)] = record_to_row(record, processing_class, default_max_patches, system)
+    rows = [built[id(record)] for record in records]
     if max_length is None:
-        return list(rows.values())
-    kept, _ = check_lengths(records, count_tokens, max_length, on_overflow=on_overflow, rejects_path=rejects_path)
-    return [rows[id(r)] for r in kept]
+        return rows
+    kept, _ = check_lengths(records, rows, max_length, on_overflow=on_overflow, rejects_path=rejects_path)
+    return kept
+
+
+def check_lengths(
+    records: Sequence[PreferenceRecord],
+    rows: Sequence[dict[str, Any]],
+    max_length: int,
+    *,
+    on_overflow: OverflowAction | str = OverflowAction.SKIP,
+    rejects_path: str | Path | None = None,
+) -> tuple[list[dict[str, Any]], list[RecordProblem]]:
+    """Keep the token rows whose prompt (image tokens included) leaves room for at least one response token.
+
+    `rows[i]` is the token row of `records[i]` (`record_to_row`); its `prompt_ids`, `chosen_ids` and `rejected_ids`
+    are counted once per distinct record. A prompt is never truncated through its image tokens: a row with
+    `len(prompt_ids) + 1 > max_length` is an overflow, handled per `on_overflow` (see OverflowAction; REJECT
+    appends the record to `rejects_path`). Responses that merely run past max_length are kept (the trainer
+    truncates them) and counted in a log line. Returns (kept rows, one problem per overflowing record).
+    """
+    try:
+        action = OverflowAction(on_overflow)
+    except ValueError:
+        raise ValueError(f"on_overflow must be one of {', '.join(OverflowAction)}; got {on_overflow!r}") from None
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    if action is OverflowAction.REJECT and rejects_path is None:
+        raise ValueError("on_overflow='reject' needs rejects_path")
+
+    verdicts: dict[tuple[str, str, int], RecordProblem | None] = {}
+    overflow: dict[tuple[str, str, int], PreferenceRecord] = {}
+    n_truncated = 0
+    kept = []
+    for record, row in zip(records, rows, strict=True):
+        if record.key not in verdicts:
+            prompt, chosen, rejected = (len(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+            verdicts[record.key] = _overflow_problem(record, prompt, chosen, max_length)
+            if verdicts[record.key] is not None:
+                overflow[record.key] = record
+            elif prompt + max(chosen, rejected) > max_length:
+                n_truncated += 1
+        if verdicts[record.key] is None:
+            kept.append(row)
+    problems = [verdicts[k] for k in overflow]
+
+    if n_truncated:
+        logger.info("%d records have a response longer than max_length %d allows; the trainer truncates it",
+                    n_truncated, max_length)  # fmt: skip
+    if not problems:
+        return kept, problems
+    if action is OverflowAction.ERROR:
+        raise DataValidationError(
+            problems, hint=f"prompts do not fit max_length {max_length:,}: raise max_length, lower max_dynamic_patch, "
+            f"or set on_overflow to {OverflowAction.SKIP.value!r}",
+        )  # fmt: skip
+    for p in problems[:MAX_PRINTED_PROBLEMS]:
+        logger.warning("%s", p.in_source())
+    if len(problems) > MAX_PRINTED_PROBLEMS:
+        logger.warning("... and %d more", len(problems) - MAX_PRINTED_PROBLEMS)
+    if action is OverflowAction.REJECT:
+        write_rejects(rejects_path, [(overflow[k], [verdicts[k]]) for k in overflow], append=True)
+    target = f" -> {rejects_path}" if action is OverflowAction.REJECT else ""
+    logger.warning("skipped %d records that do not fit max_length %d%s", len(problems), max_length, target)
+    return kept, problems
+
+
+def _overflow_problem(record: PreferenceRecord, prompt: int, chosen: int, max_length: int) -> RecordProblem | None:
+    if prompt + 1 <= max_length:
+        return None
+    return record_problem(
+        record, "length", f"prompt needs {prompt:,} tokens + chosen {chosen:,} > max_length {max_length:,}"
+    )

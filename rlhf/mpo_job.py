@@ -40,7 +40,8 @@ def parse(argv: list[str]):
 
 
 def read_records(path: str, args: MPOConfig, script: MPOScriptArguments):
-    from .data import read_mmpr, read_preference_dataset
+    from .data.mmpr import read_mmpr
+    from .data.trl_format import read_preference_dataset
 
     if Path(path).name.endswith("meta.json") or (Path(path).suffix == ".json" and _is_meta(path)):
         return read_mmpr(path, default_max_dynamic_patch=args.max_dynamic_patch, seed=script.repeat_seed,
@@ -61,7 +62,7 @@ def prepare_rows(path: str, processing_class, args: MPOConfig, script: MPOScript
     from datasets import Dataset
 
     from .collator import build_rows
-    from .data import split_valid, validate_records
+    from .data.validate import split_valid, validate_records
     from .processing import resolve_system_prompt
 
     records = read_records(path, args, script)

@@ -127,7 +127,8 @@ class MPOTrainer(ResumeMixin, DPOTrainer):
                     dataset = dataset.add_column(column, [default] * len(dataset))
             return dataset
         from .collator import build_rows
-        from .data import TRLField, read_preference_dataset, split_valid, validate_records
+        from .data.trl_format import TRLField, read_preference_dataset
+        from .data.validate import split_valid, validate_records
         from .processing import InternVLChatProcessor
 
         vision = TRLField.IMAGES in columns or TRLField.IMAGE in columns

@@ -178,7 +178,7 @@ def test_bon_job_end_to_end(tmp_path):
 
 def test_scorer_arguments_reach_the_scorer(tmp_path):
     from reward.bon_job import ScorerArguments, load_scorer
-    from reward.formats import PRM_SYSTEM_PROMPT
+    from reward.conversation import PRM_SYSTEM_PROMPT
 
     def scorer(**kw):
         return load_scorer(ScorerArguments(model_name_or_path="tiny-internvl", data=["d"], output_dir="x",

@@ -1,4 +1,5 @@
-"""rlhf.data: MMPR and TRL readers, whole-data-set validation, rejects, and the max_length check."""
+"""rlhf.data: MMPR and TRL readers, whole-data-set validation, rejects; rlhf.collator's max_length check on token
+rows."""
 
 from __future__ import annotations
 
@@ -9,22 +10,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rlhf.data import (
-    DataValidationError,
-    ImageLoadError,
-    OverflowAction,
-    Position,
-    PreferenceRecord,
-    RecordProblem,
-    check_lengths,
-    format_problems,
-    load_image,
-    read_mmpr,
-    read_preference_dataset,
-    repeat_records,
-    split_valid,
-    validate_records,
-)
+from rlhf.collator import OverflowAction, check_lengths
+from rlhf.data.images import ImageLoadError, load_image
+from rlhf.data.mmpr import read_mmpr, repeat_records
+from rlhf.data.records import DataValidationError, Position, PreferenceRecord, RecordProblem, format_problems
+from rlhf.data.trl_format import read_preference_dataset
+from rlhf.data.validate import split_valid, validate_records
 
 
 def png(path: Path, color=(200, 30, 30), size=(8, 6), mode="RGB") -> Path:
@@ -359,29 +350,29 @@ def _records(source="mmpr_demo", lines=(16, 17, 18)):
     return [PreferenceRecord(source, i, f"<image>\nq{i}", f"c{i}", f"r{i}", ["/x.png"]) for i in lines]
 
 
-# line -> (prompt incl. image tokens, chosen, rejected[, image tokens]); max_length 2,048
-COUNTS = {16: (2047, 900, 10), 17: (3402, 410, 380, 3328), 18: (2048, 1, 1)}
+# line -> token row lengths (prompt incl. image tokens, chosen, rejected); max_length 2,048
+COUNTS = {16: (2047, 900, 10), 17: (3402, 410, 380), 18: (2048, 1, 1)}
+
+
+def _rows(records, counts=COUNTS):
+    """Token rows of the given lengths, as `record_to_row` makes them (the ids themselves do not matter)."""
+    return [{"prompt_ids": [7] * counts[r.line][0], "chosen_ids": [8] * counts[r.line][1],
+             "rejected_ids": [9] * counts[r.line][2], "line": r.line} for r in records]
 
 
 def test_check_lengths_skips_overflow_with_exact_messages(caplog):
-    calls = []
-
-    def count(record):
-        calls.append(record.line)
-        return COUNTS[record.line]
-
     records = _records()
-    with caplog.at_level(logging.INFO, logger="rlhf.data"):
-        kept, problems = check_lengths(records + records, count, 2048, on_overflow="skip")
-    assert calls == [16, 17, 18]  # once per distinct record
+    rows = _rows(records)
+    with caplog.at_level(logging.INFO, logger="rlhf.collator"):
+        kept, problems = check_lengths(records + records, rows + rows, 2048, on_overflow="skip")
     # 16: 2,047 + 1 response token = 2,048 fits (its responses get truncated by the trainer);
     # 17: 3,402 > 2,048; 18: 2,048 + 1 = 2,049 > 2,048
-    assert [r.line for r in kept] == [16, 16]
-    assert [p.in_source() for p in problems] == [
-        "mmpr_demo line 17: prompt needs 3,402 tokens (3,328 image) + chosen 410 > max_length 2,048",
+    assert kept == [rows[0], rows[0]]  # the rows themselves, once per copy of the record
+    assert [p.in_source() for p in problems] == [  # one problem per distinct record
+        "mmpr_demo line 17: prompt needs 3,402 tokens + chosen 410 > max_length 2,048",
         "mmpr_demo line 18: prompt needs 2,048 tokens + chosen 1 > max_length 2,048",
     ]
-    assert str(problems[0]) == ":17: length: prompt needs 3,402 tokens (3,328 image) + chosen 410 > max_length 2,048"
+    assert str(problems[0]) == ":17: length: prompt needs 3,402 tokens + chosen 410 > max_length 2,048"
     assert problems[0].in_source() in caplog.messages
     assert "skipped 2 records that do not fit max_length 2048" in caplog.messages
     assert "1 records have a response longer than max_length 2048 allows; the trainer truncates it" in caplog.messages
@@ -389,8 +380,9 @@ def test_check_lengths_skips_overflow_with_exact_messages(caplog):
 
 def test_check_lengths_error_and_reject(tmp_path):
     records = _records()
+    rows = _rows(records)
     with pytest.raises(DataValidationError) as info:
-        check_lengths(records, lambda r: COUNTS[r.line], 2048, on_overflow=OverflowAction.ERROR)
+        check_lengths(records, rows, 2048, on_overflow=OverflowAction.ERROR)
     assert str(info.value).splitlines()[0] == (
         "2 problems in 2 records (prompts do not fit max_length 2,048: raise max_length, lower max_dynamic_patch, "
         "or set on_overflow to 'skip'):"
@@ -399,17 +391,47 @@ def test_check_lengths_error_and_reject(tmp_path):
 
     rejects = tmp_path / "rejects.jsonl"
     rejects.write_text('{"earlier": "validation reject"}\n')
-    kept, problems = check_lengths(records, lambda r: COUNTS[r.line], 2048, on_overflow="reject", rejects_path=rejects)
-    assert [r.line for r in kept] == [16]
+    kept, problems = check_lengths(records, rows, 2048, on_overflow="reject", rejects_path=rejects)
+    assert [row["line"] for row in kept] == [16]
     lines = rejects.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0]) == {"earlier": "validation reject"}  # appended, not replaced
     assert json.loads(lines[1])["problems"] == [str(problems[0])]
 
     with pytest.raises(ValueError, match="on_overflow must be one of skip, error, reject; got 'truncate'"):
-        check_lengths(records, lambda r: COUNTS[r.line], 2048, on_overflow="truncate")
+        check_lengths(records, rows, 2048, on_overflow="truncate")
     with pytest.raises(ValueError, match="needs rejects_path"):
-        check_lengths(records, lambda r: COUNTS[r.line], 2048, on_overflow="reject")
-    assert check_lengths(records, lambda r: (10, 5, 5), 2048) == (records, [])
+        check_lengths(records, rows, 2048, on_overflow="reject")
+    short = _rows(records, dict.fromkeys(COUNTS, (10, 5, 5)))
+    assert check_lengths(records, short, 2048) == (short, [])
+
+
+def test_build_rows_tokenizes_each_record_once_and_fits_the_rows(tiny_processor, caplog):
+    from rlhf.collator import build_rows, record_to_row
+
+    short = PreferenceRecord("demo", 1, "What is 2 + 3?", "5", "6")
+    long = PreferenceRecord("demo", 2, "What is 2 + 3? " * 40, "5", "6")
+    row_short, row_long = record_to_row(short, tiny_processor), record_to_row(long, tiny_processor)
+    max_length = len(row_long["prompt_ids"])  # the long prompt leaves no room for a response token; the short one does
+    assert len(row_short["prompt_ids"]) + 1 <= max_length
+
+    with caplog.at_level(logging.WARNING, logger="rlhf.collator"):
+        rows = build_rows([short, long, short], tiny_processor, max_length=max_length, on_overflow="skip")
+    assert rows == [row_short, row_short]
+    assert rows[0] is rows[1]  # a repeated record is tokenized once; its copies share the row
+    assert caplog.messages == [
+        f"demo line 2: prompt needs {max_length:,} tokens + chosen {len(row_long['chosen_ids']):,} > max_length "
+        f"{max_length:,}",
+        f"skipped 1 records that do not fit max_length {max_length}",
+    ]
+
+
+def test_build_rows_without_max_length_keeps_repeated_copies(tiny_processor):
+    """max_length null (no limit): a record that repeat_time repeats stays repeated, as it is with a limit."""
+    from rlhf.collator import build_rows, record_to_row
+
+    record = PreferenceRecord("demo", 1, "What is 2 + 3?", "5", "6")
+    rows = build_rows([record, record], tiny_processor, max_length=None, on_overflow="skip")
+    assert rows == [record_to_row(record, tiny_processor)] * 2
 
 
 # --------------------------------------------------------------------------------------------------- TRL format

@@ -1,4 +1,5 @@
-"""reward.formats: step splitting, the VisualPRM conversation, record readers/writers, conversions, token check."""
+"""reward.formats, reward.conversation, reward.checks: the VisualPRM conversation, record readers/writers and
+their field checks, conversions, the judgement-token check; step splitting as the formats use it."""
 
 from __future__ import annotations
 
@@ -12,30 +13,31 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from rlhf.errors import UserError
+from reward.checks import FormatError
+from reward.conversation import (
+    PRM_SYSTEM_PROMPT,
+    JudgementTokenError,
+    check_judgement_tokens,
+    from_visualprm_conversation,
+    hard_label,
+    to_visualprm_conversation,
+)
 from reward.formats import (
     MC_COUNT_KEYS,
-    PRM_SYSTEM_PROMPT,
     ConversationRecord,
-    FormatError,
-    JudgementTokenError,
     MCRecord,
     MCStep,
     ProcessBenchRecord,
     RecordKind,
     StepwiseRecord,
-    check_judgement_tokens,
     conversation_to_stepwise,
-    from_visualprm_conversation,
-    hard_label,
-    join_steps,
     mc_to_stepwise,
     read_jsonl,
-    split_steps,
     stepwise_to_conversation,
     stepwise_to_mc,
-    to_visualprm_conversation,
     write_jsonl,
 )
+from reward.steps import join_steps, split_steps
 
 REFERENCE = Path("/work/shared/reference/internvl3_post_training.md")
 
@@ -169,7 +171,7 @@ def _broken(edit):
         (lambda c: c[4].update({"value": "yes"}), "field '[4].value': expected '+' or '-', got 'yes'"),
         (lambda c: c[2].update({"value": " +"}), "field '[2].value': expected '+' or '-', got ' +'"),
         (lambda c: c[0].update({"value": "You are helpful."}),
-         "field '[0].value': expected the PRM system prompt (reward.formats.PRM_SYSTEM_PROMPT)"),
+         "field '[0].value': expected the PRM system prompt (reward.conversation.PRM_SYSTEM_PROMPT)"),
         (lambda c: c[1].update({"value": "What is 2 + 2?\n\nStep one"}),
          "field '[1].value': expected '### Question:\\n'"),
         (lambda c: c[5].update({"value": "  "}), "field '[5].value': expected a non-empty step"),
@@ -438,6 +440,60 @@ def test_constructors_validate_too():
         stepwise_to_conversation(StepwiseRecord(question="q", steps=["a"], labels=[True], answer="1",
                                                 meta={"answer": "2"}))
     assert ProcessBenchRecord(question="q", steps=["a"], correctness=[-1]).labels == [False]
+
+
+# One valid line per kind; the shared fields (question, images, id, answer, meta) are checked alike for all four.
+GOOD_LINES = {
+    "stepwise": {"question": "q", "steps": ["a"], "labels": [True]},
+    "mc": {"question": "q", "steps_with_score": [{"step": "a", "score": 1.0, "num_mc_correct": 2, "num_mc_total": 2}]},
+    "conversation": {"conversations": None},  # filled in by _good_line: the conversation of question "q", step "a"
+    "processbench": {"question": "q", "response": {"steps": ["a"], "process_correctness": [1]}},
+}
+
+
+def _good_line(kind: str) -> dict:
+    line = json.loads(json.dumps(GOOD_LINES[kind]))
+    if kind == "conversation":
+        line["conversations"] = to_visualprm_conversation("q", ["a"], [True])
+    return line
+
+
+@pytest.mark.parametrize("kind", list(GOOD_LINES))
+def test_the_four_kinds_share_their_field_checks(tmp_path, kind):
+    images = "images" if kind == "stepwise" else "image"  # mmalign's own key; InternVL's formats say "image"
+    cases = [
+        ({"id": True}, "field 'id': expected a string or an integer, got True"),
+        ({images: [""]}, f"field '{images}[0]': expected a non-empty string, got ''"),
+    ]
+    if kind == "stepwise":  # meta is its own field; the InternVL kinds keep unknown keys as meta
+        cases.append(({"meta": ["a"]}, "field 'meta': expected an object with string keys, got ['a']"))
+    if kind != "conversation":  # a VisualPRM400K conversation carries no answer
+        cases.append(({"answer": 7}, "field 'answer': expected a string, got 7"))
+    for change, message in cases:
+        path = _write_lines(tmp_path / f"{kind}.jsonl", [{**_good_line(kind), **change}])
+        with pytest.raises(FormatError) as err:
+            read_jsonl(path, kind)
+        assert str(err.value).startswith(f"{path}:1: {message}")
+
+
+@pytest.mark.parametrize(
+    ("make", "steps_field"),
+    [
+        (lambda **kw: StepwiseRecord(labels=[True], **kw), "steps"),
+        (lambda **kw: MCRecord(**kw), "steps_with_score"),
+        (lambda **kw: ConversationRecord(labels=[True], **kw), "steps"),
+        (lambda **kw: ProcessBenchRecord(correctness=[1], **kw), "response.steps"),
+    ],
+)
+def test_a_record_reports_its_first_bad_field(make, steps_field):
+    """Every kind checks the question, then its own steps, then the shared fields: a record wrong in all three
+    names its question; with the question fixed, its steps."""
+    with pytest.raises(FormatError, match="^field 'question': expected a non-empty string, got ''$"):
+        make(question="", steps=[], id=True)
+    with pytest.raises(FormatError, match=f"^field '{re.escape(steps_field)}': expected a non-empty list"):
+        make(question="q", steps=[], id=True)
+    with pytest.raises(FormatError, match="^field 'id': expected a string or an integer, got True$"):
+        make(question="q", steps=[MCStep("a", 1.0, 2, 2)] if steps_field == "steps_with_score" else ["a"], id=True)
 
 
 # -- judgement tokens -------------------------------------------------------------------------------------------------

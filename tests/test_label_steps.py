@@ -19,7 +19,9 @@ from data_gen.prompts import build_prompt
 from data_gen.job_common import BackendArguments, JobArguments, SamplingArguments
 from rlhf.jobs.runner import FatalJobError, JobInputError
 from rlhf.errors import UserError
-from reward.formats import from_visualprm_conversation, hard_label, join_steps, read_jsonl, split_steps
+from reward.conversation import from_visualprm_conversation, hard_label
+from reward.formats import read_jsonl
+from reward.steps import join_steps, split_steps
 
 ANSWER, WRONG = "7", "8"
 QUESTION = "<image>\nWhat is the total?"

@@ -98,7 +98,7 @@ def test_trl_dataset_with_images_and_internvl(tmp_path, tiny_processor, tiny_int
     processor: rows are the InternVL ChatML rows `mmalign mpo` builds, the images written once to
     OUTPUT_DIR/images/train/, and a step trains."""
     from rlhf.collator import record_to_row
-    from rlhf.data import read_preference_dataset
+    from rlhf.data.trl_format import read_preference_dataset
 
     red = Image.new("RGB", (56, 56), (200, 30, 30))
     rows = [{"images": [red], "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
@@ -122,7 +122,7 @@ def test_trl_dataset_with_images_and_internvl(tmp_path, tiny_processor, tiny_int
 
 
 def test_trl_dataset_bad_row_is_one_line(tmp_path, tiny_processor, tiny_internvl):
-    from rlhf.data import DataValidationError
+    from rlhf.data.records import DataValidationError
 
     data = Dataset.from_list([{"prompt": "<image>\nq", "chosen": "a", "rejected": "b", "images": []}])
     with pytest.raises(DataValidationError, match=r"<train>\[0\]: prompt: has 1 <image> placeholder but the record "

@@ -192,7 +192,8 @@ def test_dropout_pairs_record_the_sampling_a_server_applied(tmp_path, rollouts):
 
 
 def test_pairs_job_worked_example(tmp_path, rollouts):
-    from rlhf.data import read_mmpr, validate_records
+    from rlhf.data.mmpr import read_mmpr
+    from rlhf.data.validate import validate_records
 
     fake = Continuations()
     out = tmp_path / "pairs"

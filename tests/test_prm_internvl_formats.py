@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from reward.formats import PRM_SYSTEM_PROMPT, outcome_example, to_visualprm_conversation
+from reward.conversation import PRM_SYSTEM_PROMPT, outcome_example, to_visualprm_conversation
 from reward.prm_job import PRMDataError, build_rows, read_prm_records
 from tests.test_prm_trainer import config
 

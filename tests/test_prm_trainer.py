@@ -19,7 +19,8 @@ from datasets import Dataset
 from PIL import Image
 from transformers import EvalPrediction
 
-from reward.formats import PRM_SYSTEM_PROMPT, MCRecord, StepwiseRecord
+from reward.conversation import PRM_SYSTEM_PROMPT
+from reward.formats import MCRecord, StepwiseRecord
 from reward.prm_data import encode_prm
 from rlhf.processing import IM_END
 from reward.prm_job import (

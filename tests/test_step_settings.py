@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from reward.formats import PRM_SYSTEM_PROMPT
+from reward.conversation import PRM_SYSTEM_PROMPT
 from rlhf.errors import UserError
 from reward.step_settings import (SETTINGS_FILE, StepSettings, StepSettingsError, data_segmentation,
                                   record_segmentation, scoring_settings)

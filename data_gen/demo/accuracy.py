@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Sequence
 
-from reward.formats import split_steps
+from reward.steps import split_steps
 from reward.verify import extract_answer, is_correct
 from rlhf.errors import UserError
 

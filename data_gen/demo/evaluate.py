@@ -176,7 +176,8 @@ def mc_agreement_by_kind(exact: list[bool], mc: list[bool], kinds: list[str | No
 
 def mc_label_quality(mc_path: Path, values: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
     """`mc_agreement_by_kind` of a label-steps output (mc.jsonl) against the task's exact step labels."""
-    from reward.formats import hard_label, read_jsonl
+    from reward.conversation import hard_label
+    from reward.formats import read_jsonl
 
     from .task import step_truth
 
@@ -200,7 +201,8 @@ def prm_fit_by_kind(scorer, mc_path: Path, image_root: Path, limit: int, step_sc
     PRM trained on exactly those steps. A kind the PRM did not learn shows a loss near the entropy of its balance."""
     import math
 
-    from reward.formats import hard_label, read_jsonl
+    from reward.conversation import hard_label
+    from reward.formats import read_jsonl
 
     rows: dict[str, list[tuple[bool, float]]] = {k: [] for k in (*STEP_KINDS, *(f"reading:{p}" for p in
                                                                                   READING_PIECES))}
@@ -304,7 +306,8 @@ def evaluate(folder: Path, inputs: EvalInputs, settings: EvalSettings) -> None:
     """The evaluate stage: read the stages' outputs in `inputs`, write metrics.json and the rest into `folder`."""
     from reward.bon import bon_metrics, markdown_table, plot_curve
     from reward.eval_job import step_f1
-    from reward.formats import hard_label, read_jsonl
+    from reward.conversation import hard_label
+    from reward.formats import read_jsonl
     from reward.scorer import PRMScorer
     from reward.step_settings import scoring_settings
     from rlhf.models import load_model_and_processor

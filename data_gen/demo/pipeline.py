@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from reward.formats import PRM_SYSTEM_PROMPT
+from reward.conversation import PRM_SYSTEM_PROMPT
 from reward.step_settings import StepSettings
 from rlhf.errors import UserError
 

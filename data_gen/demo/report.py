@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from reward.formats import PRM_SYSTEM_PROMPT
+from reward.conversation import PRM_SYSTEM_PROMPT
 
 from .settings import TARGETS
 
