@@ -148,12 +148,9 @@ def markdown_table(metrics: dict[str, dict[int, float]]) -> str:
 
 def plot_curve(metrics: dict[str, dict[int, float]], path: str | Path, title: str = "Best-of-N") -> Path:
     """Accuracy against k (log2 axis), one line per method; a headless PNG."""
-    import matplotlib
+    from rlhf.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.8))
     for method, values in metrics.items():
         ks = sorted(values)
         ax.plot(ks, [100 * values[k] for k in ks], marker="o", label=METHOD_LABELS[BoNMethod(method)])
@@ -165,12 +162,7 @@ def plot_curve(metrics: dict[str, dict[int, float]], path: str | Path, title: st
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["BoNMethod", "METHOD_LABELS", "QuestionResponses", "k_values", "best_index", "majority_answer",

@@ -322,3 +322,19 @@ def test_bon_resumes_a_stopped_run_scoring_each_question_once(tmp_path, monkeypa
     ids = [json.loads(line)["id"] for line in (out / "scores.jsonl").read_text().splitlines()]
     assert ids == ["q1", "q2", "q3", f"{unkeyed}:1"]  # every question once, in input order
     assert _outputs(out) == _old_loop([data, unkeyed])  # the numbers of one uninterrupted pass
+
+
+def test_plot_curve_writes_a_png_through_the_shared_figure_saver(tmp_path):
+    """Best-of-N curves and MPO histories are saved by one helper (rlhf.plots.save_figure): a PNG file, folders
+    made, the figure closed."""
+    from reward.bon import plot_curve
+    from rlhf.plots import plot_mpo_history, pyplot
+
+    before = len(pyplot().get_fignums())
+    path = plot_curve({"majority_vote": {1: 0.5, 2: 0.6, 4: 0.7}}, tmp_path / "a" / "bon.png", title="t")
+    assert path == tmp_path / "a" / "bon.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = [{"step": 1, "rewards/margins": 0.1, "mpo/preference_loss": 0.7},
+               {"step": 2, "rewards/margins": 0.3, "mpo/preference_loss": 0.6}]
+    assert plot_mpo_history(history, tmp_path / "b" / "mpo.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_mpo_history([{"step": 1, "loss": 1.0}], tmp_path / "c.png") is None  # nothing MPO to draw
+    assert len(pyplot().get_fignums()) == before
