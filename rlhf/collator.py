@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from .choices import ROW_OVERFLOW, OverflowAction
 from .data.records import MAX_PRINTED_PROBLEMS, DataValidationError, PreferenceRecord, RecordProblem, record_problem
 from .data.validate import write_rejects
 from .processing import IM_END, IMAGE_PLACEHOLDER, InternVLChatProcessor, chat_prompt
@@ -125,14 +125,6 @@ class MPOCollator:
         return self.processing_class.image_processor.to_tensor(tiles) if tiles else None
 
 
-class OverflowAction(StrEnum):
-    """What `check_lengths` does with a record whose prompt (image tokens included) leaves no room for a response."""
-
-    SKIP = "skip"  # drop it and log one line per record
-    ERROR = "error"  # raise DataValidationError listing every such record
-    REJECT = "reject"  # drop it, log, and append it to the rejects file
-
-
 def build_rows(records, processing_class, *, max_length: int | None, on_overflow: str, rejects_path=None,
                default_max_patches: int = 12, system: str | None = None) -> list[dict[str, Any]]:
     """Tokenize validated records (each distinct record object once: repeated copies share their row), then keep the
@@ -165,10 +157,9 @@ def check_lengths(
     appends the record to `rejects_path`). Responses that merely run past max_length are kept (the trainer
     truncates them) and counted in a log line. Returns (kept rows, one problem per overflowing record).
     """
-    try:
-        action = OverflowAction(on_overflow)
-    except ValueError:
-        raise ValueError(f"on_overflow must be one of {', '.join(OverflowAction)}; got {on_overflow!r}") from None
+    if on_overflow not in ROW_OVERFLOW:
+        raise ValueError(f"on_overflow must be one of {', '.join(ROW_OVERFLOW)}; got {on_overflow!r}")
+    action = OverflowAction(on_overflow)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
     if action is OverflowAction.REJECT and rejects_path is None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rlhf.collator import OverflowAction, check_lengths
+from rlhf.choices import OverflowAction
+from rlhf.collator import check_lengths
 from rlhf.data.images import ImageLoadError, load_image
 from rlhf.data.mmpr import read_mmpr, repeat_records
 from rlhf.data.records import DataValidationError, Position, PreferenceRecord, RecordProblem, format_problems
