@@ -17,7 +17,7 @@ finishes the line itself); a continuation is correct when the answer extracted f
 correct (`reward.verify.judge`). The step's score is mc_i = correct / sampled and its label is `+` iff the score >
 `label_threshold` (published: 0).
 
-Modes (`LabelMode`):
+Modes (`MCMode`):
 
 - `faithful`, the published procedure: every step gets all `num_continuations` continuations. With `early_stop`,
   the steps after the first `-` step get score 0 and no continuations (`num_mc_total` 0); with the published
@@ -100,8 +100,8 @@ LABEL_SUMMARY_FILE = "label_summary.json"
 SETTINGS_FILE = "label_steps_settings.json"
 
 
-class LabelMode(StrEnum):
-    """How many continuations a step gets."""
+class MCMode(StrEnum):
+    """How many Monte Carlo continuations a step gets (not `reward.prm_config.LabelMode`, the PRM's target)."""
 
     FAITHFUL = "faithful"  # all num_continuations (published)
     ADAPTIVE = "adaptive"  # in rounds, until the label is certain (mmalign's own)
@@ -123,7 +123,7 @@ class MCSettings:
     scores > it); `label_threshold` the step label's (`+` iff mc > it)."""
 
     num_continuations: int = 16
-    mode: LabelMode = LabelMode.FAITHFUL
+    mode: MCMode = MCMode.FAITHFUL
     early_stop: bool = False
     first_round: int = 2
     label_threshold: float = 0.0
@@ -141,11 +141,11 @@ class MCSettings:
             raise UserError(f"answer_threshold must be in [0, 1), got {self.answer_threshold}")
 
 
-def _mode(value: str) -> LabelMode:
+def _mode(value: str) -> MCMode:
     try:
-        return LabelMode(value)
+        return MCMode(value)
     except ValueError:
-        raise UserError(f"mode must be one of {', '.join(LabelMode)}, got {value!r}") from None
+        raise UserError(f"mode must be one of {', '.join(MCMode)}, got {value!r}") from None
 
 
 @dataclass
@@ -270,7 +270,7 @@ def _decide(cell: _Cell, s: MCSettings) -> bool | None:
     n = s.num_continuations
     if cell.sampled >= n:
         return hard_label(cell.correct / n, s.label_threshold)
-    if s.mode is not LabelMode.FAITHFUL:
+    if s.mode is not MCMode.FAITHFUL:
         if hard_label(cell.correct / n, s.label_threshold):
             return True
         if not hard_label((cell.correct + n - cell.sampled) / n, s.label_threshold):
@@ -304,7 +304,7 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
     s = settings
     cells = {t.id: [_Cell() for _ in t.steps] for t in tasks}
     searches: dict[str, _Search] = {}
-    if s.mode is LabelMode.SEARCH:
+    if s.mode is MCMode.SEARCH:
         split = search_split(s.first_round, s.num_continuations)
         for t in tasks:  # the last prefix is the whole solution: judged as it stands
             whole = judge(t.prefix(len(t.steps) - 1), t.answer, threshold=s.answer_threshold).correct
@@ -324,7 +324,7 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
                 cell = cells[task.id][i]
                 left = s.num_continuations - cell.sampled
                 prefix = task.prefix(i)
-                size = left if s.mode is LabelMode.FAITHFUL else min(left, max(s.first_round, cell.sampled))
+                size = left if s.mode is MCMode.FAITHFUL else min(left, max(s.first_round, cell.sampled))
                 for j in range(cell.sampled, cell.sampled + size):
                     requests.append(GenerationRequest(
                         id=f"{task.id}/step{i}/{j}", prompt=task.prompt, images=task.images, sampling=params,
@@ -523,7 +523,7 @@ class LabelSummary:
     def line(self) -> str:
         saved = (f" ({self.faithful_continuations / self.continuations_sampled:.1f}x fewer than faithful's "
                  f"{self.faithful_continuations})"
-                 if self.mc_mode != LabelMode.FAITHFUL and self.continuations_sampled else "")
+                 if self.mc_mode != MCMode.FAITHFUL and self.continuations_sampled else "")
         return (f"label-steps ({self.mc_mode}): {self.solutions} solutions, {self.steps} steps, "
                 f"{100 * self.positive_share:.1f}% positive, {self.continuations_sampled} continuations sampled"
                 f"{saved}, {self.generated_tokens} generated tokens")
@@ -532,7 +532,7 @@ class LabelSummary:
 def _faithful_steps(record, labels: list[bool]) -> int:
     """How many steps of the record the faithful mode samples: those sampled here, or for search every step
     (with early stop, up to the first `-` one)."""
-    if record.meta.get("mc_mode") != LabelMode.SEARCH:
+    if record.meta.get("mc_mode") != MCMode.SEARCH:
         return sum(s.num_mc_total > 0 for s in record.steps)  # early stop: up to the first `-` step
     if record.meta.get("early_stop") and False in labels:
         return labels.index(False) + 1
@@ -605,7 +605,7 @@ class LabelStepsArguments:
         "help": "Ours: a regular expression that also ends a step at each match inside a blank-line step, e.g. "
                 "'(?<=,)(?= )|(?= and )' for one step per listed value (score with the same pattern)."})
     num_continuations: int = field(default=16, metadata={"help": "Continuations per step (published: 16)."})
-    mode: str = field(default=LabelMode.FAITHFUL.value, metadata={"help": f"{', '.join(LabelMode)}: all "
+    mode: str = field(default=MCMode.FAITHFUL.value, metadata={"help": f"{', '.join(MCMode)}: all "
                       "continuations per step (published), rounds until the label is certain (ours), or a search "
                       "for the first '-' step under the monotone assumption, with adaptive's rounds (ours)."})
     mc_prefix: str = field(default=MCPrefix.INTERNVL.value, metadata={
@@ -642,7 +642,7 @@ class LabelStepsArguments:
         return StepSettings(self.step_split, self.max_steps_per_solution)
 
     def mc_settings(self, sampling: SamplingArguments) -> MCSettings:
-        return MCSettings(self.num_continuations, LabelMode(self.mode), self.early_stop, self.first_round,
+        return MCSettings(self.num_continuations, MCMode(self.mode), self.early_stop, self.first_round,
                           self.label_threshold, self.answer_threshold, sampling)
 
 
