@@ -86,7 +86,7 @@ from typing import Any
 from reward.step_settings import RECORD_KEY as STEP_SETTINGS_KEY, StepSettings
 from rlhf.errors import UserError
 from rlhf.jobs.runner import Failure, JobInputError, item_seed
-from rlhf.processing import IMAGE_PLACEHOLDER
+from rlhf.processing import with_placeholders
 
 from .backends.base import GenerationRequest, RolloutBackend
 from .job_common import (BackendArguments, BackendWorker, JobArguments, Question, SamplingArguments, job_main,
@@ -439,13 +439,6 @@ def _responses(meta: dict[str, Any], where: str) -> list[tuple[int, str, bool | 
         correct = r.get("correct") if isinstance(r, dict) else None
         out.append((k, text, correct if isinstance(correct, bool) else None))
     return out
-
-
-def with_placeholders(question: str, n_images: int) -> str:
-    """The question with one `<image>` per image, put in front when it has none (as InternVL does)."""
-    if n_images and IMAGE_PLACEHOLDER not in question:
-        return f"{IMAGE_PLACEHOLDER}\n" * n_images + question
-    return question
 
 
 # -- the work --------------------------------------------------------------------------------------------------------

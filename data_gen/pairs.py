@@ -48,7 +48,7 @@ from reward.verify import fix_answer
 from rlhf.errors import UserError
 from rlhf.jobs.runner import Failure, JobInputError, JobSummary, item_seed
 from rlhf.jobs.settings import content_sha
-from rlhf.processing import IMAGE_PLACEHOLDER
+from rlhf.processing import IMAGE_PLACEHOLDER, with_placeholders
 
 from .backends.base import GenerationRequest, RolloutBackend
 from .job_common import (BackendArguments, BackendWorker, JobArguments, SamplingArguments, job_main, json_lines,
@@ -164,10 +164,7 @@ def strip_images(question: str) -> str:
 
 
 def prompt_with_images(question: str, template: str, n_images: int) -> str:
-    prompt = build_prompt(question, template)
-    if n_images and IMAGE_PLACEHOLDER not in prompt:
-        prompt = f"{IMAGE_PLACEHOLDER}\n" * n_images + prompt
-    return prompt
+    return with_placeholders(build_prompt(question, template), n_images)
 
 
 # -- the work ------------------------------------------------------------------------------------------------------

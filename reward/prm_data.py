@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rlhf.processing import IM_END, IM_START, IMAGE_PLACEHOLDER, InternVLChatProcessor
+from rlhf.processing import IM_END, IM_START, IMAGE_PLACEHOLDER, InternVLChatProcessor, with_placeholders
 
 from .conversation import PRM_SYSTEM_PROMPT, QUESTION_HEADER, SOLUTION_HEADER, Judgement, check_judgement_tokens
 
@@ -48,8 +48,7 @@ def judgement_ids(processing_class) -> tuple[int, int]:
 def encode_prefix(processing_class, question: str, num_tiles: Sequence[int] = (),
                   system: str | None = PRM_SYSTEM_PROMPT) -> list[int]:
     """Ids of the part shared by all solutions to `question`: system turn, question header, images."""
-    if num_tiles and IMAGE_PLACEHOLDER not in question:
-        question = f"{IMAGE_PLACEHOLDER}\n" * len(num_tiles) + question
+    question = with_placeholders(question, len(num_tiles))
     head = f"{IM_START}system\n{system}{IM_END}\n" if system else ""
     text = f"{head}{IM_START}user\n{QUESTION_HEADER}{question}{SOLUTION_HEADER}"
     if num_tiles:

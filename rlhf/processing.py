@@ -148,6 +148,14 @@ def resolve_system_prompt(value: str | None) -> str | None:
     return SYSTEM_PROMPTS.get(value, value)
 
 
+def with_placeholders(text: str, n_images: int) -> str:
+    """InternVL's rule: a text with images but no `<image>` gets `<image>\\n` in front, one per image. A text that has
+    placeholders is returned as written (`InternVLChatProcessor.expand_images` checks their count)."""
+    if n_images and IMAGE_PLACEHOLDER not in text:
+        return f"{IMAGE_PLACEHOLDER}\n" * n_images + text
+    return text
+
+
 def chat_prompt(user: str, system: str | None = None) -> str:
     """ChatML prompt up to and including the assistant header (reference section 4)."""
     head = f"{IM_START}system\n{system}{IM_END}\n" if system else ""

@@ -20,9 +20,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ..processing import IMAGE_PLACEHOLDER
+from ..processing import IMAGE_PLACEHOLDER, with_placeholders
 from .jsonl import json_lines, record_object
-from .records import DataValidationError, PreferenceRecord, RecordProblem, prepend_placeholders, type_name
+from .records import DataValidationError, PreferenceRecord, RecordProblem, type_name
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def _fill_mmpr(record: PreferenceRecord, raw: Any, root: Path | None) -> None:
     record.image_paths = [str((root / ref).resolve()) for ref in refs]
     if len(refs) > 1 and IMAGE_PLACEHOLDER not in record.question:
         record.meta[PLACEHOLDERS_ADDED] = True  # reported per data set by _read_annotation
-    prepend_placeholders(record)
+    record.question = with_placeholders(record.question, record.n_images)
 
 
 def _image_refs(value: Any, key: str, issues: list[tuple[str, str]]) -> list[str]:
