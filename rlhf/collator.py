@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from .choices import ROW_OVERFLOW, OverflowAction
 from .data.records import MAX_PRINTED_PROBLEMS, DataValidationError, PreferenceRecord, RecordProblem, record_problem
 from .data.validate import write_rejects
-from .processing import IM_END, IMAGE_PLACEHOLDER, InternVLChatProcessor, chat_prompt
+from .processing import IM_END, InternVLChatProcessor, chat_prompt, with_placeholders
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ def record_to_row(record, processing_class, default_max_patches: int = 12, syste
     paths = list(record.image_paths)
     max_patches = record.tiles_per_image if paths else 0
     max_patches = max_patches or default_max_patches if paths else 0
-    question = record.question
-    if paths and IMAGE_PLACEHOLDER not in question:
-        question = f"{IMAGE_PLACEHOLDER}\n{question}"
+    question = with_placeholders(record.question, len(paths))
     return {
         "prompt_ids": encode(processing_class, prompt_text(processing_class, question, paths, max_patches, system)),
         "chosen_ids": encode(processing_class, record.chosen + IM_END),

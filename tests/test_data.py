@@ -426,6 +426,20 @@ def test_build_rows_tokenizes_each_record_once_and_fits_the_rows(tiny_processor,
     ]
 
 
+def test_record_to_row_puts_one_placeholder_per_image_in_front(tiny_processor, tmp_path):
+    """A record built in code with two images and no `<image>` gets `<image>\\n<image>\\n` in front, as the readers
+    give it (rlhf.processing.with_placeholders). The old rule put one in front and failed: 1 placeholder, 2 images."""
+    from rlhf.collator import record_to_row
+
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(paths[-1])
+    bare = PreferenceRecord("demo", 1, "Sum?", "5", "6", image_paths=paths)
+    written = PreferenceRecord("demo", 1, "<image>\n<image>\nSum?", "5", "6", image_paths=paths)
+    assert record_to_row(bare, tiny_processor)["prompt_ids"] == record_to_row(written, tiny_processor)["prompt_ids"]
+
+
 def test_build_rows_without_max_length_keeps_repeated_copies(tiny_processor):
     """max_length null (no limit): a record that repeat_time repeats stays repeated, as it is with a limit."""
     from rlhf.collator import build_rows, record_to_row
