@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from rlhf.processing import InternVLChatProcessor
+from rlhf.processing import InternVLChatProcessor, text_tokenizer
 
 from .prm_data import encode_prefix, encode_steps, judgement_ids
 from .prm_losses import plus_probability
@@ -124,7 +124,7 @@ class PRMScorer:
         self.plus_id, self.minus_id = judgement_ids(processor)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.backbone, self.lm_head = base.model, base.get_output_embeddings()
-        tokenizer = processor.tokenizer if isinstance(processor, InternVLChatProcessor) else processor
+        tokenizer = text_tokenizer(processor)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.image_token_id = getattr(processor, "image_token_id", None)
         self.stats = ScoringStats()

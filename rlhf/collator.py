@@ -16,24 +16,20 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
 
 from .choices import ROW_OVERFLOW, OverflowAction
 from .data.records import MAX_PRINTED_PROBLEMS, DataValidationError, PreferenceRecord, RecordProblem, record_problem
 from .data.validate import write_rejects
-from .processing import IM_END, InternVLChatProcessor, chat_prompt, with_placeholders
+from .processing import IM_END, InternVLChatProcessor, chat_prompt, text_tokenizer, with_placeholders
 
 logger = logging.getLogger(__name__)
 
 ROW_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "image_paths", "max_patches", "source", "line"]
 
 
-def _tokenizer(processing_class) -> PreTrainedTokenizerBase:
-    return processing_class.tokenizer if isinstance(processing_class, InternVLChatProcessor) else processing_class
-
 
 def encode(processing_class, text: str) -> list[int]:
-    return _tokenizer(processing_class)(text, add_special_tokens=False)["input_ids"]
+    return text_tokenizer(processing_class)(text, add_special_tokens=False)["input_ids"]
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -91,7 +87,7 @@ class MPOCollator:
     max_length: int | None = None
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        tok = _tokenizer(self.processing_class)
+        tok = text_tokenizer(self.processing_class)
         seqs, masks = [], []
         for key in ("chosen_ids", "rejected_ids"):
             for row in rows:

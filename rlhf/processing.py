@@ -296,3 +296,8 @@ class InternVLChatProcessor(ProcessorMixin):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return cls(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=seq)
+
+
+def text_tokenizer(processing_class) -> PreTrainedTokenizerBase:
+    """The tokenizer of a processing class: an `InternVLChatProcessor`'s own, or a plain tokenizer itself."""
+    return processing_class.tokenizer if isinstance(processing_class, InternVLChatProcessor) else processing_class
