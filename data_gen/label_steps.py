@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 from reward.step_settings import RECORD_KEY as STEP_SETTINGS_KEY, StepSettings
+from rlhf.choices import parse_choice
 from rlhf.errors import UserError
 from rlhf.jobs.runner import Failure, JobInputError, item_seed
 from rlhf.processing import with_placeholders
@@ -131,7 +132,7 @@ class MCSettings:
     sampling: SamplingArguments = field(default_factory=SamplingArguments)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", _mode(self.mode))
+        object.__setattr__(self, "mode", parse_choice(MCMode, self.mode, "mode", UserError))
         for name in ("num_continuations", "first_round"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -139,13 +140,6 @@ class MCSettings:
             raise UserError(f"label_threshold must be in [0, 1) (mc scores are at most 1), got {self.label_threshold}")
         if not 0.0 <= self.answer_threshold < 1.0:
             raise UserError(f"answer_threshold must be in [0, 1), got {self.answer_threshold}")
-
-
-def _mode(value: str) -> MCMode:
-    try:
-        return MCMode(value)
-    except ValueError:
-        raise UserError(f"mode must be one of {', '.join(MCMode)}, got {value!r}") from None
 
 
 @dataclass
@@ -623,11 +617,8 @@ class LabelStepsArguments:
         for name in ("solutions_per_question", "max_steps_per_solution"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.mode = _mode(self.mode).value
-        try:
-            self.mc_prefix = MCPrefix(self.mc_prefix).value
-        except ValueError:
-            raise UserError(f"mc_prefix must be one of {', '.join(MCPrefix)}, got {self.mc_prefix!r}") from None
+        self.mode = parse_choice(MCMode, self.mode, "mode", UserError).value
+        self.mc_prefix = parse_choice(MCPrefix, self.mc_prefix, "mc_prefix", UserError).value
         self.step_settings()  # step_split checked, one line
 
     def step_settings(self) -> StepSettings:
