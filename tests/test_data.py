@@ -555,3 +555,18 @@ def test_load_image(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"garbage")
     with pytest.raises(ImageLoadError, match=r"^cannot read image .*bad\.png: cannot identify image file"):
         load_image(tmp_path / "bad.png")
+
+
+def test_is_mmpr_meta_knows_a_meta_json_by_its_entries(tmp_path):
+    from rlhf.data.mmpr import is_mmpr_meta
+
+    def write(name, text):
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    assert is_mmpr_meta(write("m.json", '{"a": {"annotation": "a.jsonl", "root": "img"}}'))
+    assert not is_mmpr_meta(write("pairs.json", '[{"prompt": "p", "chosen": "c", "rejected": "r"}]'))  # TRL data
+    assert not is_mmpr_meta(write("n.json", '{"a": {"root": "img"}}'))  # an entry without its annotation
+    assert not is_mmpr_meta(write("m.jsonl", '{"a": {"annotation": "a.jsonl"}}'))  # not a .json file
+    assert not is_mmpr_meta(write("bad.json", "{"))
+    assert not is_mmpr_meta(tmp_path / "missing.json")

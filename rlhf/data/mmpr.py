@@ -50,6 +50,19 @@ class MMPRField(StrEnum):
     ANSWER_GT = "answer_gt"
 
 
+def is_mmpr_meta(path: str | Path) -> bool:
+    """Whether `path` is an MMPR meta.json: a `.json` file holding an object of entries that each name an
+    annotation file (`"annotation"`)."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(isinstance(v, dict) and MMPRKey.ANNOTATION in v for v in data.values())
+
+
 def read_mmpr(meta_path: str | Path, *, default_max_dynamic_patch: int = 12, seed: int = 0,
               data_root: str | Path | None = None, cwd: str | Path | None = None) -> list[PreferenceRecord]:
     """Read every data set of an MMPR `meta.json` into records, repeated or subsampled by `repeat_time`.
