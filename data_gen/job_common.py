@@ -186,16 +186,6 @@ class Question:
         return [] if v is None else [v] if isinstance(v, str) else list(v)
 
 
-def _is_meta(path: Path) -> bool:
-    if path.suffix != ".json":
-        return False
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and all(isinstance(v, dict) and "annotation" in v for v in data.values())
-
-
 def json_lines(path: Path) -> Iterator[tuple[str, int, Any]]:
     """(`file:line`, line number, value) for every non-blank line; malformed JSON is a one-line JobInputError."""
     with path.open(encoding="utf-8") as f:
@@ -215,7 +205,9 @@ def read_questions(path: str | Path, image_root: str | Path | None = None) -> li
     path = Path(path)
     if not path.is_file():
         raise JobInputError(f"{path}: questions file not found")
-    if _is_meta(path):
+    from rlhf.data.mmpr import is_mmpr_meta
+
+    if is_mmpr_meta(path):
         return _questions_from_mmpr(path)
     root = str(Path(image_root if image_root is not None else path.parent).resolve())
     questions, first_line = [], {}

@@ -17,7 +17,7 @@ finishes the line itself); a continuation is correct when the answer extracted f
 correct (`reward.verify.judge`). The step's score is mc_i = correct / sampled and its label is `+` iff the score >
 `label_threshold` (published: 0).
 
-Modes (`LabelMode`):
+Modes (`MCMode`):
 
 - `faithful`, the published procedure: every step gets all `num_continuations` continuations. With `early_stop`,
   the steps after the first `-` step get score 0 and no continuations (`num_mc_total` 0); with the published
@@ -84,9 +84,10 @@ from pathlib import Path
 from typing import Any
 
 from reward.step_settings import RECORD_KEY as STEP_SETTINGS_KEY, StepSettings
+from rlhf.choices import parse_choice
 from rlhf.errors import UserError
 from rlhf.jobs.runner import Failure, JobInputError, item_seed
-from rlhf.processing import IMAGE_PLACEHOLDER
+from rlhf.processing import with_placeholders
 
 from .backends.base import GenerationRequest, RolloutBackend
 from .job_common import (BackendArguments, BackendWorker, JobArguments, Question, SamplingArguments, job_main,
@@ -100,8 +101,8 @@ LABEL_SUMMARY_FILE = "label_summary.json"
 SETTINGS_FILE = "label_steps_settings.json"
 
 
-class LabelMode(StrEnum):
-    """How many continuations a step gets."""
+class MCMode(StrEnum):
+    """How many Monte Carlo continuations a step gets (not `reward.prm_config.LabelMode`, the PRM's target)."""
 
     FAITHFUL = "faithful"  # all num_continuations (published)
     ADAPTIVE = "adaptive"  # in rounds, until the label is certain (mmalign's own)
@@ -123,7 +124,7 @@ class MCSettings:
     scores > it); `label_threshold` the step label's (`+` iff mc > it)."""
 
     num_continuations: int = 16
-    mode: LabelMode = LabelMode.FAITHFUL
+    mode: MCMode = MCMode.FAITHFUL
     early_stop: bool = False
     first_round: int = 2
     label_threshold: float = 0.0
@@ -131,7 +132,7 @@ class MCSettings:
     sampling: SamplingArguments = field(default_factory=SamplingArguments)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", _mode(self.mode))
+        object.__setattr__(self, "mode", parse_choice(MCMode, self.mode, "mode", UserError))
         for name in ("num_continuations", "first_round"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -139,13 +140,6 @@ class MCSettings:
             raise UserError(f"label_threshold must be in [0, 1) (mc scores are at most 1), got {self.label_threshold}")
         if not 0.0 <= self.answer_threshold < 1.0:
             raise UserError(f"answer_threshold must be in [0, 1), got {self.answer_threshold}")
-
-
-def _mode(value: str) -> LabelMode:
-    try:
-        return LabelMode(value)
-    except ValueError:
-        raise UserError(f"mode must be one of {', '.join(LabelMode)}, got {value!r}") from None
 
 
 @dataclass
@@ -270,7 +264,7 @@ def _decide(cell: _Cell, s: MCSettings) -> bool | None:
     n = s.num_continuations
     if cell.sampled >= n:
         return hard_label(cell.correct / n, s.label_threshold)
-    if s.mode is not LabelMode.FAITHFUL:
+    if s.mode is not MCMode.FAITHFUL:
         if hard_label(cell.correct / n, s.label_threshold):
             return True
         if not hard_label((cell.correct + n - cell.sampled) / n, s.label_threshold):
@@ -304,7 +298,7 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
     s = settings
     cells = {t.id: [_Cell() for _ in t.steps] for t in tasks}
     searches: dict[str, _Search] = {}
-    if s.mode is LabelMode.SEARCH:
+    if s.mode is MCMode.SEARCH:
         split = search_split(s.first_round, s.num_continuations)
         for t in tasks:  # the last prefix is the whole solution: judged as it stands
             whole = judge(t.prefix(len(t.steps) - 1), t.answer, threshold=s.answer_threshold).correct
@@ -324,7 +318,7 @@ def monte_carlo(tasks: list[MCTask], backend: RolloutBackend, settings: MCSettin
                 cell = cells[task.id][i]
                 left = s.num_continuations - cell.sampled
                 prefix = task.prefix(i)
-                size = left if s.mode is LabelMode.FAITHFUL else min(left, max(s.first_round, cell.sampled))
+                size = left if s.mode is MCMode.FAITHFUL else min(left, max(s.first_round, cell.sampled))
                 for j in range(cell.sampled, cell.sampled + size):
                     requests.append(GenerationRequest(
                         id=f"{task.id}/step{i}/{j}", prompt=task.prompt, images=task.images, sampling=params,
@@ -441,13 +435,6 @@ def _responses(meta: dict[str, Any], where: str) -> list[tuple[int, str, bool | 
     return out
 
 
-def with_placeholders(question: str, n_images: int) -> str:
-    """The question with one `<image>` per image, put in front when it has none (as InternVL does)."""
-    if n_images and IMAGE_PLACEHOLDER not in question:
-        return f"{IMAGE_PLACEHOLDER}\n" * n_images + question
-    return question
-
-
 # -- the work --------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -523,7 +510,7 @@ class LabelSummary:
     def line(self) -> str:
         saved = (f" ({self.faithful_continuations / self.continuations_sampled:.1f}x fewer than faithful's "
                  f"{self.faithful_continuations})"
-                 if self.mc_mode != LabelMode.FAITHFUL and self.continuations_sampled else "")
+                 if self.mc_mode != MCMode.FAITHFUL and self.continuations_sampled else "")
         return (f"label-steps ({self.mc_mode}): {self.solutions} solutions, {self.steps} steps, "
                 f"{100 * self.positive_share:.1f}% positive, {self.continuations_sampled} continuations sampled"
                 f"{saved}, {self.generated_tokens} generated tokens")
@@ -532,7 +519,7 @@ class LabelSummary:
 def _faithful_steps(record, labels: list[bool]) -> int:
     """How many steps of the record the faithful mode samples: those sampled here, or for search every step
     (with early stop, up to the first `-` one)."""
-    if record.meta.get("mc_mode") != LabelMode.SEARCH:
+    if record.meta.get("mc_mode") != MCMode.SEARCH:
         return sum(s.num_mc_total > 0 for s in record.steps)  # early stop: up to the first `-` step
     if record.meta.get("early_stop") and False in labels:
         return labels.index(False) + 1
@@ -605,7 +592,7 @@ class LabelStepsArguments:
         "help": "Ours: a regular expression that also ends a step at each match inside a blank-line step, e.g. "
                 "'(?<=,)(?= )|(?= and )' for one step per listed value (score with the same pattern)."})
     num_continuations: int = field(default=16, metadata={"help": "Continuations per step (published: 16)."})
-    mode: str = field(default=LabelMode.FAITHFUL.value, metadata={"help": f"{', '.join(LabelMode)}: all "
+    mode: str = field(default=MCMode.FAITHFUL.value, metadata={"help": f"{', '.join(MCMode)}: all "
                       "continuations per step (published), rounds until the label is certain (ours), or a search "
                       "for the first '-' step under the monotone assumption, with adaptive's rounds (ours)."})
     mc_prefix: str = field(default=MCPrefix.INTERNVL.value, metadata={
@@ -630,11 +617,8 @@ class LabelStepsArguments:
         for name in ("solutions_per_question", "max_steps_per_solution"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.mode = _mode(self.mode).value
-        try:
-            self.mc_prefix = MCPrefix(self.mc_prefix).value
-        except ValueError:
-            raise UserError(f"mc_prefix must be one of {', '.join(MCPrefix)}, got {self.mc_prefix!r}") from None
+        self.mode = parse_choice(MCMode, self.mode, "mode", UserError).value
+        self.mc_prefix = parse_choice(MCPrefix, self.mc_prefix, "mc_prefix", UserError).value
         self.step_settings()  # step_split checked, one line
 
     def step_settings(self) -> StepSettings:
@@ -642,7 +626,7 @@ class LabelStepsArguments:
         return StepSettings(self.step_split, self.max_steps_per_solution)
 
     def mc_settings(self, sampling: SamplingArguments) -> MCSettings:
-        return MCSettings(self.num_continuations, LabelMode(self.mode), self.early_stop, self.first_round,
+        return MCSettings(self.num_continuations, MCMode(self.mode), self.early_stop, self.first_round,
                           self.label_threshold, self.answer_threshold, sampling)
 
 

@@ -45,10 +45,11 @@ from typing import Any
 
 from reward.steps import STEP_BREAK, split_steps
 from reward.verify import fix_answer
+from rlhf.choices import parse_choice
 from rlhf.errors import UserError
 from rlhf.jobs.runner import Failure, JobInputError, JobSummary, item_seed
 from rlhf.jobs.settings import content_sha
-from rlhf.processing import IMAGE_PLACEHOLDER
+from rlhf.processing import IMAGE_PLACEHOLDER, with_placeholders
 
 from .backends.base import GenerationRequest, RolloutBackend
 from .job_common import (BackendArguments, BackendWorker, JobArguments, SamplingArguments, job_main, json_lines,
@@ -164,10 +165,7 @@ def strip_images(question: str) -> str:
 
 
 def prompt_with_images(question: str, template: str, n_images: int) -> str:
-    prompt = build_prompt(question, template)
-    if n_images and IMAGE_PLACEHOLDER not in prompt:
-        prompt = f"{IMAGE_PLACEHOLDER}\n" * n_images + prompt
-    return prompt
+    return with_placeholders(build_prompt(question, template), n_images)
 
 
 # -- the work ------------------------------------------------------------------------------------------------------
@@ -198,10 +196,8 @@ class PairsArguments:
                 "differs from the chosen response's step at the same index."})
 
     def __post_init__(self) -> None:
-        if self.dropout_ntp not in set(DropoutSelection):
-            raise UserError(f"dropout_ntp must be one of {', '.join(DropoutSelection)}, got {self.dropout_ntp!r}")
-        if self.dropout_words not in set(DropoutWords):
-            raise UserError(f"dropout_words must be one of {', '.join(DropoutWords)}, got {self.dropout_words!r}")
+        parse_choice(DropoutSelection, self.dropout_ntp, "dropout_ntp", UserError)
+        parse_choice(DropoutWords, self.dropout_words, "dropout_words", UserError)
         if not 0 < self.dropout_ratio < 1:
             raise UserError(f"dropout_ratio must be in (0, 1), got {self.dropout_ratio}")
         for name in ("max_pairs_per_question", "dropout_pairs_per_question"):

@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from rlhf.choices import parse_choice
 from rlhf.errors import UserError
 
 from .checks import FormatError
@@ -107,8 +108,7 @@ class ScorerArguments:
         if isinstance(self.data, str):
             self.data = [self.data]
         for name, enum in (("aggregation", Aggregation), ("method", ScoringMethod)):
-            if getattr(self, name) not in set(enum):
-                raise UserError(f"{name} must be one of {', '.join(enum)}, got {getattr(self, name)!r}")
+            parse_choice(enum, getattr(self, name), name, UserError)
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         StepSettings(**{name: getattr(self, name) for name in STEP_FLAGS})  # each flag checked, one line

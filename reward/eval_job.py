@@ -30,31 +30,12 @@ from typing import Any
 from rlhf.errors import UserError
 
 from .bon_job import REJECTS_FILE, ScorerArguments, load_scorer, parse, read_records
+from .prm_metrics import step_f1
 
 logger = logging.getLogger("mmalign.eval_prm")
 SOURCE_KEYS = ("source", "data_source")
 
 # -- pure metrics ----------------------------------------------------------------------------------------------------
-
-
-def f1(tp: int, fp: int, fn: int) -> float:
-    """2 tp / (2 tp + fp + fn); 0 when the class is neither labelled nor predicted."""
-    return 0.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-
-
-def step_f1(labels: Sequence[bool | None], probs: Sequence[float], threshold: float) -> dict[str, float]:
-    """F1 of positive and of negative steps and their mean, predicting `+` iff prob > threshold; None labels
-    (neutral) are ignored."""
-    if len(labels) != len(probs):
-        raise ValueError(f"{len(labels)} labels but {len(probs)} scores")
-    pairs = [(y, p > threshold) for y, p in zip(labels, probs) if y is not None]
-    tp = sum(y and p for y, p in pairs)
-    tn = sum(not y and not p for y, p in pairs)
-    fp = sum(not y and p for y, p in pairs)  # predicted +, labelled -
-    fn = sum(y and not p for y, p in pairs)  # predicted -, labelled +
-    f1_pos, f1_neg = f1(tp, fp, fn), f1(tn, fn, fp)
-    return {"f1_positive": f1_pos, "f1_negative": f1_neg, "macro_f1": (f1_pos + f1_neg) / 2,
-            "n_positive": tp + fn, "n_negative": tn + fp}
 
 
 def step_auc(labels: Sequence[bool | None], probs: Sequence[float]) -> float | None:

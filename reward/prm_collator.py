@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from rlhf.errors import UserError
-from rlhf.processing import InternVLChatProcessor
+from rlhf.processing import InternVLChatProcessor, text_tokenizer
 
 from .conversation import PRM_SYSTEM_PROMPT
 from .prm_data import encode_prm
@@ -44,9 +44,6 @@ def encode_row(processing_class, question: str, steps: list[str], labels: list[b
             "image_paths": list(image_paths), "max_patches": max_patches if image_paths else 0, "source": source}
 
 
-def _tokenizer(processing_class):
-    return processing_class.tokenizer if isinstance(processing_class, InternVLChatProcessor) else processing_class
-
 
 @dataclass
 class PRMCollator:
@@ -56,7 +53,7 @@ class PRMCollator:
     processing_class: Any
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pad = _tokenizer(self.processing_class).pad_token_id
+        pad = text_tokenizer(self.processing_class).pad_token_id
         width = max(len(r["input_ids"]) for r in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -17,6 +17,7 @@ from enum import StrEnum
 import torch
 from transformers import TrainingArguments
 
+from rlhf.choices import PRM_OVERFLOW, OverflowAction
 from rlhf.errors import UserError
 
 from .conversation import PRM_SYSTEM_PROMPT
@@ -31,20 +32,12 @@ class LabelMode(StrEnum):
     SOFT = "soft"  # mmalign: BCE of P(+) over {+, -} against the Monte Carlo score
 
 
-class OverflowAction(StrEnum):
-    """What happens to a solution longer than `max_length` tokens."""
-
-    TRUNCATE = "truncate"  # keep the steps that fit (a solution whose first step does not fit is skipped, reported)
-    SKIP = "skip"  # leave the whole solution out (reported)
-    ERROR = "error"  # stop before training
-
-
 class PRMConfigError(UserError, ValueError):
     """A bad `VisualPRMConfig` value (one line)."""
 
 
-def _choices(enum: type[StrEnum]) -> str:
-    return ", ".join(f"'{e.value}'" for e in enum)
+def _choices(members) -> str:
+    return ", ".join(f"'{e.value}'" for e in members)
 
 
 @dataclass
@@ -59,8 +52,8 @@ class VisualPRMConfig(TrainingArguments):
     max_length: int | None = field(default=8192, metadata={
         "help": "Longest conversation in tokens (text + image tokens); see `on_overflow`."})
     on_overflow: str = field(default=OverflowAction.TRUNCATE.value, metadata={
-        "help": f"A solution longer than `max_length`: {_choices(OverflowAction)}. Never cut through a step.",
-        "choices": [a.value for a in OverflowAction]})
+        "help": f"A solution longer than `max_length`: {_choices(PRM_OVERFLOW)}. Never cut through a step.",
+        "choices": [a.value for a in PRM_OVERFLOW]})
     max_dynamic_patch: int = field(default=12, metadata={
         "help": "Tile budget per sample; a sample with k images gets max(1, max_dynamic_patch // k) per image."})
     max_steps_per_solution: int | None = field(default=None, metadata={
@@ -97,10 +90,11 @@ class VisualPRMConfig(TrainingArguments):
             self.bf16 = torch.cuda.is_available()
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.use_cpu = True  # several CPU processes: DDP over gloo
-        for name, enum in (("label_mode", LabelMode), ("on_overflow", OverflowAction)):
+        for name, enum, members in (("label_mode", LabelMode, tuple(LabelMode)),
+                                    ("on_overflow", OverflowAction, PRM_OVERFLOW)):
             value = getattr(self, name)
-            if value not in {e.value for e in enum}:
-                raise PRMConfigError(f"VisualPRMConfig.{name} must be one of {_choices(enum)}, got {value!r}")
+            if value not in {e.value for e in members}:
+                raise PRMConfigError(f"VisualPRMConfig.{name} must be one of {_choices(members)}, got {value!r}")
             setattr(self, name, enum(value).value)
         if self.reward_level not in ("process", "outcome"):
             raise PRMConfigError(f"VisualPRMConfig.reward_level must be 'process' or 'outcome', got "
@@ -128,4 +122,4 @@ class VisualPRMConfig(TrainingArguments):
         return StepSettings(self.step_split, self.max_steps_per_solution, self.system_prompt)
 
 
-__all__ = ["LabelMode", "OverflowAction", "PRMConfigError", "VisualPRMConfig"]
+__all__ = ["LabelMode", "PRMConfigError", "VisualPRMConfig"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rlhf.processing import IM_END, IM_START, IMAGE_PLACEHOLDER, InternVLChatProcessor
+from rlhf.processing import IM_END, IM_START, IMAGE_PLACEHOLDER, text_tokenizer, with_placeholders
 
 from .conversation import PRM_SYSTEM_PROMPT, QUESTION_HEADER, SOLUTION_HEADER, Judgement, check_judgement_tokens
 
@@ -36,20 +36,16 @@ class PRMEncoding:
     labels: list[float] = field(default_factory=list)
 
 
-def _tokenizer(processing_class):
-    return processing_class.tokenizer if isinstance(processing_class, InternVLChatProcessor) else processing_class
-
 
 def judgement_ids(processing_class) -> tuple[int, int]:
     """(id of `+`, id of `-`), checked to be single tokens."""
-    return check_judgement_tokens(_tokenizer(processing_class))
+    return check_judgement_tokens(text_tokenizer(processing_class))
 
 
 def encode_prefix(processing_class, question: str, num_tiles: Sequence[int] = (),
                   system: str | None = PRM_SYSTEM_PROMPT) -> list[int]:
     """Ids of the part shared by all solutions to `question`: system turn, question header, images."""
-    if num_tiles and IMAGE_PLACEHOLDER not in question:
-        question = f"{IMAGE_PLACEHOLDER}\n" * len(num_tiles) + question
+    question = with_placeholders(question, len(num_tiles))
     head = f"{IM_START}system\n{system}{IM_END}\n" if system else ""
     text = f"{head}{IM_START}user\n{QUESTION_HEADER}{question}{SOLUTION_HEADER}"
     if num_tiles:
@@ -64,7 +60,7 @@ def encode_steps(processing_class, steps: Sequence[str], labels: Sequence[bool |
     """Ids of the solution turns (after the shared prefix) and the offsets of the judgement tokens in them.
     Without labels every judgement is written as `+` (scoring reads the logits before it, which never see it)."""
     plus, minus = judgement_ids(processing_class)
-    im_end = _tokenizer(processing_class).convert_tokens_to_ids(IM_END)
+    im_end = text_tokenizer(processing_class).convert_tokens_to_ids(IM_END)
     ids: list[int] = []
     positions: list[int] = []
     for i, step in enumerate(steps):
@@ -89,7 +85,7 @@ def encode_prm(processing_class, question: str, steps: Sequence[str], labels: Se
 
 
 def _encode(processing_class, text: str) -> list[int]:
-    return _tokenizer(processing_class)(text, add_special_tokens=False)["input_ids"]
+    return text_tokenizer(processing_class)(text, add_special_tokens=False)["input_ids"]
 
 
 __all__ = ["PRMEncoding", "encode_prefix", "encode_steps", "encode_prm", "judgement_ids", "Judgement"]

@@ -25,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Iterator
 
+from rlhf.choices import OverflowAction
 from rlhf.errors import UserError
 
 from .checks import EmptyStepError, FormatError
@@ -37,7 +38,7 @@ from .formats import (
     mc_to_stepwise,
     parse_jsonl_line,
 )
-from .prm_config import OverflowAction, VisualPRMConfig
+from .prm_config import VisualPRMConfig
 from .prompts import prm_question
 from .step_settings import SEGMENTATION, StepSettings, data_segmentation
 from .steps import merge_steps

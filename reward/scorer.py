@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from rlhf.processing import InternVLChatProcessor
+from rlhf.choices import parse_choice
+from rlhf.processing import InternVLChatProcessor, text_tokenizer
 
 from .prm_data import encode_prefix, encode_steps, judgement_ids
 from .prm_losses import plus_probability
@@ -65,13 +66,6 @@ class ScoringMethod(StrEnum):
     SHARED_PREFIX = "shared_prefix"
     PER_SOLUTION = "per_solution"
     PER_STEP = "per_step"
-
-
-def _choice(enum: type[StrEnum], value: Any, name: str) -> StrEnum:
-    try:
-        return enum(value)
-    except ValueError:
-        raise ValueError(f"{name} must be one of {', '.join(enum)}, got {value!r}") from None
 
 
 @dataclass
@@ -114,8 +108,8 @@ class PRMScorer:
     def __init__(self, model, processor, aggregation: Aggregation | str = Aggregation.MEAN, batch_size: int = 8,
                  method: ScoringMethod | str = ScoringMethod.SHARED_PREFIX, max_patches: int | None = None,
                  settings: StepSettings | None = None):
-        self.aggregation = _choice(Aggregation, aggregation, "aggregation")
-        self.method = _choice(ScoringMethod, method, "method")
+        self.aggregation = parse_choice(Aggregation, aggregation, "aggregation")
+        self.method = parse_choice(ScoringMethod, method, "method")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.processor = model, processor
@@ -124,7 +118,7 @@ class PRMScorer:
         self.plus_id, self.minus_id = judgement_ids(processor)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.backbone, self.lm_head = base.model, base.get_output_embeddings()
-        tokenizer = processor.tokenizer if isinstance(processor, InternVLChatProcessor) else processor
+        tokenizer = text_tokenizer(processor)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.image_token_id = getattr(processor, "image_token_id", None)
         self.stats = ScoringStats()

@@ -61,6 +61,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from rlhf.choices import parse_choice
+
 DEFAULT_THRESHOLD = 0.9  # correct iff score > threshold (published)
 RELAXED_TOLERANCE = 0.05  # relaxed numeric: relative error <= 5% (ChartQA)
 RELATIVE_TOLERANCE = 1e-3  # relative numeric
@@ -679,10 +681,7 @@ def mode_for_source(name: str | None) -> AnswerMode:
 
 def answer_mode(value: AnswerMode | str) -> AnswerMode:
     """`value` as an AnswerMode; ValueError listing the modes otherwise."""
-    try:
-        return AnswerMode(value)
-    except ValueError:
-        raise ValueError(f"answer mode must be one of {', '.join(AnswerMode)}; got {value!r}") from None
+    return parse_choice(AnswerMode, value, "answer mode")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 `rlhf.data` reads and validates preference records (MMPR folders, TRL preference data); `rlhf.collator` turns them
 into token rows fitted to max_length, and batches; the MPO loss, config and trainer build on those; `rlhf.jobs`
-runs the resumable data jobs.
+runs the resumable data jobs. `rlhf.choices` holds the choice lists and the choice parser that every package uses.
 """
 
 from importlib import import_module

@@ -11,29 +11,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
 
+from .choices import ROW_OVERFLOW, OverflowAction
 from .data.records import MAX_PRINTED_PROBLEMS, DataValidationError, PreferenceRecord, RecordProblem, record_problem
 from .data.validate import write_rejects
-from .processing import IM_END, IMAGE_PLACEHOLDER, InternVLChatProcessor, chat_prompt
+from .processing import IM_END, InternVLChatProcessor, chat_prompt, text_tokenizer, with_placeholders
 
 logger = logging.getLogger(__name__)
 
 ROW_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "image_paths", "max_patches", "source", "line"]
 
 
-def _tokenizer(processing_class) -> PreTrainedTokenizerBase:
-    return processing_class.tokenizer if isinstance(processing_class, InternVLChatProcessor) else processing_class
-
 
 def encode(processing_class, text: str) -> list[int]:
-    return _tokenizer(processing_class)(text, add_special_tokens=False)["input_ids"]
+    return text_tokenizer(processing_class)(text, add_special_tokens=False)["input_ids"]
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -61,9 +57,7 @@ def record_to_row(record, processing_class, default_max_patches: int = 12, syste
     paths = list(record.image_paths)
     max_patches = record.tiles_per_image if paths else 0
     max_patches = max_patches or default_max_patches if paths else 0
-    question = record.question
-    if paths and IMAGE_PLACEHOLDER not in question:
-        question = f"{IMAGE_PLACEHOLDER}\n{question}"
+    question = with_placeholders(record.question, len(paths))
     return {
         "prompt_ids": encode(processing_class, prompt_text(processing_class, question, paths, max_patches, system)),
         "chosen_ids": encode(processing_class, record.chosen + IM_END),
@@ -93,7 +87,7 @@ class MPOCollator:
     max_length: int | None = None
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        tok = _tokenizer(self.processing_class)
+        tok = text_tokenizer(self.processing_class)
         seqs, masks = [], []
         for key in ("chosen_ids", "rejected_ids"):
             for row in rows:
@@ -123,14 +117,6 @@ class MPOCollator:
                 with Image.open(path) as img:
                     tiles.extend(self.processing_class.image_processor.tiles(img.convert("RGB"), row["max_patches"]))
         return self.processing_class.image_processor.to_tensor(tiles) if tiles else None
-
-
-class OverflowAction(StrEnum):
-    """What `check_lengths` does with a record whose prompt (image tokens included) leaves no room for a response."""
-
-    SKIP = "skip"  # drop it and log one line per record
-    ERROR = "error"  # raise DataValidationError listing every such record
-    REJECT = "reject"  # drop it, log, and append it to the rejects file
 
 
 def build_rows(records, processing_class, *, max_length: int | None, on_overflow: str, rejects_path=None,
@@ -165,10 +151,9 @@ def check_lengths(
     appends the record to `rejects_path`). Responses that merely run past max_length are kept (the trainer
     truncates them) and counted in a log line. Returns (kept rows, one problem per overflowing record).
     """
-    try:
-        action = OverflowAction(on_overflow)
-    except ValueError:
-        raise ValueError(f"on_overflow must be one of {', '.join(OverflowAction)}; got {on_overflow!r}") from None
+    if on_overflow not in ROW_OVERFLOW:
+        raise ValueError(f"on_overflow must be one of {', '.join(ROW_OVERFLOW)}; got {on_overflow!r}")
+    action = OverflowAction(on_overflow)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
     if action is OverflowAction.REJECT and rejects_path is None:

@@ -5,24 +5,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from trl import DPOConfig
 
 from .args import SettingError
+from .choices import ROW_OVERFLOW, OverflowAction
 from .losses import MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, RewardShift
 
 # the loss types DPOTrainer.dpo_loss of the pinned TRL series (1.16) computes
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-
-
-class OverflowAction(StrEnum):
-    """What happens to a sample whose prompt and image tokens do not fit `max_length`."""
-
-    SKIP = "skip"  # reported, left out of training
-    REJECT = "reject"  # reported, written to the rejects file
-    ERROR = "error"  # stop before training
 
 
 @dataclass
@@ -50,8 +42,8 @@ class MPOConfig(DPOConfig):
     on_overflow: str = field(
         default=OverflowAction.SKIP.value,
         metadata={"help": "A sample whose prompt + image tokens do not fit `max_length`: "
-                  + ", ".join(f"'{a.value}'" for a in OverflowAction) + ". Never truncated through image tokens.",
-                  "choices": [a.value for a in OverflowAction]},
+                  + ", ".join(f"'{a.value}'" for a in ROW_OVERFLOW) + ". Never truncated through image tokens.",
+                  "choices": [a.value for a in ROW_OVERFLOW]},
     )
     skip_invalid: bool = field(
         default=False,
@@ -111,6 +103,8 @@ class MPOConfig(DPOConfig):
                 raise SettingError("loss_weights", f"finite numbers >= 0 (entry {i})", w)
         super().__post_init__()
         self.reward_shift = RewardShift(self.reward_shift).value
+        if self.on_overflow not in ROW_OVERFLOW:
+            raise ValueError(f"{self.on_overflow!r} is not a valid OverflowAction")
         self.on_overflow = OverflowAction(self.on_overflow).value
         if self.loss_weights is None:
             self.loss_weights = [1.0] * len(self.loss_type)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,21 +39,13 @@ def parse(argv: list[str]):
 
 
 def read_records(path: str, args: MPOConfig, script: MPOScriptArguments):
-    from .data.mmpr import read_mmpr
+    from .data.mmpr import is_mmpr_meta, read_mmpr
     from .data.trl_format import read_preference_dataset
 
-    if Path(path).name.endswith("meta.json") or (Path(path).suffix == ".json" and _is_meta(path)):
+    if Path(path).name.endswith("meta.json") or is_mmpr_meta(path):
         return read_mmpr(path, default_max_dynamic_patch=args.max_dynamic_patch, seed=script.repeat_seed,
                          data_root=script.data_root)
     return read_preference_dataset(path, image_root=script.image_root)
-
-
-def _is_meta(path: str) -> bool:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and all(isinstance(v, dict) and "annotation" in v for v in data.values())
 
 
 def prepare_rows(path: str, processing_class, args: MPOConfig, script: MPOScriptArguments, split: str):

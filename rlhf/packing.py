@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from .collator import MPOCollator, _tokenizer, pad_right
+from .collator import MPOCollator, pad_right
+from .processing import text_tokenizer
 
 
 class Segment(IntEnum):
@@ -143,7 +144,7 @@ class PackedPairCollator:
 
         segment_ids = pad_right(segments, Segment.PAD)
         batch = {
-            "input_ids": pad_right(ids, _tokenizer(self.processing_class).pad_token_id),
+            "input_ids": pad_right(ids, text_tokenizer(self.processing_class).pad_token_id),
             "position_ids": pad_right(positions, 0),
             "segment_ids": segment_ids,
             "attention_mask": pair_attention_mask(segment_ids),

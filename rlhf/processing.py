@@ -148,6 +148,14 @@ def resolve_system_prompt(value: str | None) -> str | None:
     return SYSTEM_PROMPTS.get(value, value)
 
 
+def with_placeholders(text: str, n_images: int) -> str:
+    """InternVL's rule: a text with images but no `<image>` gets `<image>\\n` in front, one per image. A text that has
+    placeholders is returned as written (`InternVLChatProcessor.expand_images` checks their count)."""
+    if n_images and IMAGE_PLACEHOLDER not in text:
+        return f"{IMAGE_PLACEHOLDER}\n" * n_images + text
+    return text
+
+
 def chat_prompt(user: str, system: str | None = None) -> str:
     """ChatML prompt up to and including the assistant header (reference section 4)."""
     head = f"{IM_START}system\n{system}{IM_END}\n" if system else ""
@@ -288,3 +296,8 @@ class InternVLChatProcessor(ProcessorMixin):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return cls(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=seq)
+
+
+def text_tokenizer(processing_class) -> PreTrainedTokenizerBase:
+    """The tokenizer of a processing class: an `InternVLChatProcessor`'s own, or a plain tokenizer itself."""
+    return processing_class.tokenizer if isinstance(processing_class, InternVLChatProcessor) else processing_class

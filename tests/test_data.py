@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rlhf.collator import OverflowAction, check_lengths
+from rlhf.choices import OverflowAction
+from rlhf.collator import check_lengths
 from rlhf.data.images import ImageLoadError, load_image
 from rlhf.data.mmpr import read_mmpr, repeat_records
 from rlhf.data.records import DataValidationError, Position, PreferenceRecord, RecordProblem, format_problems
@@ -425,6 +426,20 @@ def test_build_rows_tokenizes_each_record_once_and_fits_the_rows(tiny_processor,
     ]
 
 
+def test_record_to_row_puts_one_placeholder_per_image_in_front(tiny_processor, tmp_path):
+    """A record built in code with two images and no `<image>` gets `<image>\\n<image>\\n` in front, as the readers
+    give it (rlhf.processing.with_placeholders). The old rule put one in front and failed: 1 placeholder, 2 images."""
+    from rlhf.collator import record_to_row
+
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(paths[-1])
+    bare = PreferenceRecord("demo", 1, "Sum?", "5", "6", image_paths=paths)
+    written = PreferenceRecord("demo", 1, "<image>\n<image>\nSum?", "5", "6", image_paths=paths)
+    assert record_to_row(bare, tiny_processor)["prompt_ids"] == record_to_row(written, tiny_processor)["prompt_ids"]
+
+
 def test_build_rows_without_max_length_keeps_repeated_copies(tiny_processor):
     """max_length null (no limit): a record that repeat_time repeats stays repeated, as it is with a limit."""
     from rlhf.collator import build_rows, record_to_row
@@ -540,3 +555,18 @@ def test_load_image(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"garbage")
     with pytest.raises(ImageLoadError, match=r"^cannot read image .*bad\.png: cannot identify image file"):
         load_image(tmp_path / "bad.png")
+
+
+def test_is_mmpr_meta_knows_a_meta_json_by_its_entries(tmp_path):
+    from rlhf.data.mmpr import is_mmpr_meta
+
+    def write(name, text):
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    assert is_mmpr_meta(write("m.json", '{"a": {"annotation": "a.jsonl", "root": "img"}}'))
+    assert not is_mmpr_meta(write("pairs.json", '[{"prompt": "p", "chosen": "c", "rejected": "r"}]'))  # TRL data
+    assert not is_mmpr_meta(write("n.json", '{"a": {"root": "img"}}'))  # an entry without its annotation
+    assert not is_mmpr_meta(write("m.jsonl", '{"a": {"annotation": "a.jsonl"}}'))  # not a .json file
+    assert not is_mmpr_meta(write("bad.json", "{"))
+    assert not is_mmpr_meta(tmp_path / "missing.json")

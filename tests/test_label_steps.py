@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from data_gen.backends.base import GenerationResult, RolloutBackend
-from data_gen.label_steps import (LabelMode, LabelStepsArguments, MCPrefix, MCSettings, MCTask, continuation_seed,
+from data_gen.label_steps import (MCMode, LabelStepsArguments, MCPrefix, MCSettings, MCTask, continuation_seed,
                                   monte_carlo, read_solutions, run, search_split, step_prefix)
 from data_gen.prompts import build_prompt
 from data_gen.job_common import BackendArguments, JobArguments, SamplingArguments
@@ -56,7 +56,7 @@ def by_step_probability(probabilities):
 
 
 def settings(mode, **kw):
-    return MCSettings(num_continuations=16, mode=LabelMode(mode), sampling=SamplingArguments(seed=0), **kw)
+    return MCSettings(num_continuations=16, mode=MCMode(mode), sampling=SamplingArguments(seed=0), **kw)
 
 
 # -- the estimate, worked by hand --------------------------------------------------------------------------------------
@@ -123,10 +123,10 @@ def test_adaptive_reproduces_faithful_exactly(early_stop, threshold):
     tasks = [MCTask(f"q{i}#0", "Q", [], None, split_steps(join_steps([f"s{k}" for k in range(1 + i % 14)]), 12),
                     ANSWER) for i in range(20)]
     runs = {}
-    for mode in (LabelMode.FAITHFUL, LabelMode.ADAPTIVE):
+    for mode in (MCMode.FAITHFUL, MCMode.ADAPTIVE):
         backend = FakeBackend(correct)
         runs[mode] = monte_carlo(tasks, backend, settings(mode, early_stop=early_stop, label_threshold=threshold))
-    for t, f, a in zip(tasks, runs[LabelMode.FAITHFUL], runs[LabelMode.ADAPTIVE]):
+    for t, f, a in zip(tasks, runs[MCMode.FAITHFUL], runs[MCMode.ADAPTIVE]):
         assert a.labels == f.labels, t.id
         assert [hard_label(s, threshold) for s in a.scores] == a.labels  # the written score gives the label
         for i, (k_f, k_a, c_f, c_a) in enumerate(zip(f.sampled, a.sampled, f.correct, a.correct)):
@@ -135,9 +135,9 @@ def test_adaptive_reproduces_faithful_exactly(early_stop, threshold):
             assert (c_f, k_f) == ((sum(reference), 16) if k_f else (0, 0))  # faithful: all 16 (or early-stopped)
             assert k_a <= k_f and c_a == sum(reference[:k_a])  # adaptive: honest counts of what it sampled
     total = {mode: sum(r.num_continuations for r in results) for mode, results in runs.items()}
-    assert total[LabelMode.ADAPTIVE] < total[LabelMode.FAITHFUL]
+    assert total[MCMode.ADAPTIVE] < total[MCMode.FAITHFUL]
     if threshold == 0.0 and not early_stop:
-        labels = [label for r in runs[LabelMode.FAITHFUL] for label in r.labels]
+        labels = [label for r in runs[MCMode.FAITHFUL] for label in r.labels]
         assert 0 < sum(labels) < len(labels)  # both labels occur, so the comparison means something
 
 
@@ -421,8 +421,8 @@ def test_hf_backend_adaptive_equals_faithful(tiny_internvl, tiny_processor):
                ANSWER)
     sampling = SamplingArguments(temperature=1.0, top_k=None, max_new_tokens=4, seed=0)
     results = {mode: monte_carlo([t], backend, MCSettings(num_continuations=4, mode=mode, sampling=sampling))[0]
-               for mode in LabelMode}
-    f, a = results[LabelMode.FAITHFUL], results[LabelMode.ADAPTIVE]
+               for mode in MCMode}
+    f, a = results[MCMode.FAITHFUL], results[MCMode.ADAPTIVE]
     assert a.labels == f.labels and all(k_a <= k_f for k_a, k_f in zip(a.sampled, f.sampled))
     assert f.labels[1] and a.sampled[1] == 2  # the last prefix already holds the answer: + from the first round
 

@@ -120,3 +120,19 @@ def test_tiny_checkpoint_round_trip(tiny_checkpoint, tiny_processor):
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, fresh(**inputs).logits, atol=1e-5)
     assert "model.safetensors" in {p.name for p in tiny_checkpoint.iterdir()}
+
+
+def test_with_placeholders_puts_one_image_per_image_in_front_when_the_text_has_none():
+    from rlhf.processing import with_placeholders
+
+    assert with_placeholders("Sum?", 2) == "<image>\n<image>\nSum?"  # one per image, in front
+    assert with_placeholders("Sum?", 0) == "Sum?"  # text only
+    assert with_placeholders("Left <image> right <image>", 2) == "Left <image> right <image>"  # written ones stay
+    assert with_placeholders("<image>\nSum?", 3) == "<image>\nSum?"  # a wrong count is expand_images' to report
+
+
+def test_text_tokenizer_unwraps_the_internvl_processor_and_passes_a_tokenizer_through(tiny_processor):
+    from rlhf.processing import text_tokenizer
+
+    assert text_tokenizer(tiny_processor) is tiny_processor.tokenizer
+    assert text_tokenizer(tiny_processor.tokenizer) is tiny_processor.tokenizer

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reward.eval_job import best_threshold, source_macro_f1, split_heldout, step_auc, step_f1
+from reward.eval_job import best_threshold, source_macro_f1, split_heldout, step_auc
+from reward.prm_metrics import step_f1
 from reward.prm_data import encode_prefix, encode_steps, judgement_ids
 from reward.scorer import AGGREGATORS, Aggregation, PRMScorer, ScoringMethod, as_grpo_reward
 from reward.step_settings import StepSettings

@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from rlhf.errors import UserError
-from rlhf.processing import IMAGE_PLACEHOLDER
+from rlhf.processing import IMAGE_PLACEHOLDER, with_placeholders
 
 # backend name -> "module:Class", imported by `make_backend` only when that backend is made.
 BACKENDS: dict[str, str] = {
@@ -105,8 +105,8 @@ class GenerationRequest:
         """The user text with exactly one `<image>` placeholder per image; ValueError naming the request when
         placeholders and images disagree."""
         count = self.prompt.count(IMAGE_PLACEHOLDER)
-        if self.images and count == 0:
-            return f"{IMAGE_PLACEHOLDER}\n" * len(self.images) + self.prompt
+        if count == 0:
+            return with_placeholders(self.prompt, len(self.images))
         if count != len(self.images):
             raise ValueError(
                 f"request {self.id!r}: prompt has {count} {IMAGE_PLACEHOLDER} placeholder(s) "

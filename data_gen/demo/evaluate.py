@@ -158,7 +158,7 @@ def score_test_responses(scorer, records: list[dict], images: list[Image.Image],
 def mc_agreement_by_kind(exact: list[bool], mc: list[bool], kinds: list[str | None]) -> dict[str, dict[str, Any]]:
     """Per kind of step: how many steps, the share whose Monte Carlo label equals the exact one, and the macro-F1 of
     the Monte Carlo labels against the exact ones (None where a kind has one class only)."""
-    from reward.eval_job import step_f1
+    from reward.prm_metrics import step_f1
 
     out = {}
     for kind in STEP_KINDS:
@@ -305,7 +305,7 @@ class EvalInputs:
 def evaluate(folder: Path, inputs: EvalInputs, settings: EvalSettings) -> None:
     """The evaluate stage: read the stages' outputs in `inputs`, write metrics.json and the rest into `folder`."""
     from reward.bon import bon_metrics, markdown_table, plot_curve
-    from reward.eval_job import step_f1
+    from reward.prm_metrics import step_f1
     from reward.conversation import hard_label
     from reward.formats import read_jsonl
     from reward.scorer import PRMScorer

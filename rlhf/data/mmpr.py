@@ -20,9 +20,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ..processing import IMAGE_PLACEHOLDER
+from ..processing import IMAGE_PLACEHOLDER, with_placeholders
 from .jsonl import json_lines, record_object
-from .records import DataValidationError, PreferenceRecord, RecordProblem, prepend_placeholders, type_name
+from .records import DataValidationError, PreferenceRecord, RecordProblem, type_name
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,19 @@ class MMPRField(StrEnum):
     CHOSEN = "chosen"
     REJECTED = "rejected"
     ANSWER_GT = "answer_gt"
+
+
+def is_mmpr_meta(path: str | Path) -> bool:
+    """Whether `path` is an MMPR meta.json: a `.json` file holding an object of entries that each name an
+    annotation file (`"annotation"`)."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(isinstance(v, dict) and MMPRKey.ANNOTATION in v for v in data.values())
 
 
 def read_mmpr(meta_path: str | Path, *, default_max_dynamic_patch: int = 12, seed: int = 0,
@@ -266,7 +279,7 @@ def _fill_mmpr(record: PreferenceRecord, raw: Any, root: Path | None) -> None:
     record.image_paths = [str((root / ref).resolve()) for ref in refs]
     if len(refs) > 1 and IMAGE_PLACEHOLDER not in record.question:
         record.meta[PLACEHOLDERS_ADDED] = True  # reported per data set by _read_annotation
-    prepend_placeholders(record)
+    record.question = with_placeholders(record.question, record.n_images)
 
 
 def _image_refs(value: Any, key: str, issues: list[tuple[str, str]]) -> list[str]:

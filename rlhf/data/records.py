@@ -14,7 +14,6 @@ from typing import Any
 from PIL import Image
 
 from ..errors import UserError
-from ..processing import IMAGE_PLACEHOLDER
 
 MAX_PRINTED_PROBLEMS = 50
 RECORD_FIELD = "record"  # the field named by a problem that concerns the whole line (malformed JSON, not an object)
@@ -127,11 +126,6 @@ class DataValidationError(UserError, ValueError):
         self.problems = list(problems)
         super().__init__(message if message is not None else format_problems(self.problems, hint=hint))
 
-
-def prepend_placeholders(record: PreferenceRecord) -> None:
-    """InternVL's rule: a question with images but no `<image>` gets `<image>\\n` in front, one per image."""
-    if record.n_images and IMAGE_PLACEHOLDER not in record.question:
-        record.question = f"{IMAGE_PLACEHOLDER}\n" * record.n_images + record.question
 
 
 def type_name(value: Any) -> str:

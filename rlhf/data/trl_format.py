@@ -18,9 +18,9 @@ from typing import Any
 
 from PIL import Image
 
-from ..processing import IMAGE_PLACEHOLDER
+from ..processing import IMAGE_PLACEHOLDER, with_placeholders
 from .jsonl import json_lines, record_object
-from .records import DataValidationError, Position, PreferenceRecord, prepend_placeholders, type_name
+from .records import DataValidationError, Position, PreferenceRecord, type_name
 
 
 class TRLField(StrEnum):
@@ -147,7 +147,7 @@ def _fill_trl(record: PreferenceRecord, raw: Any, base: Path | None) -> None:
     _fill_trl_images(record, key, value, base)
     record.meta = {k: v for k, v in raw.items() if k not in set(TRLField)}
     if not {f.split("[")[0] for f, _ in issues} & {TRLField.PROMPT, key}:
-        prepend_placeholders(record)
+        record.question = with_placeholders(record.question, record.n_images)
 
 
 def _split_implicit_prompt(chosen: list, rejected: list, issues: list[tuple[str, str]]) -> tuple[Any, Any, Any]:

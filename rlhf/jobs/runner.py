@@ -65,6 +65,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..choices import parse_choice
 from ..errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,6 @@ class Executor(StrEnum):
 
     LOCAL = "local"
     RAY = "ray"
-
-
-EXECUTORS = tuple(e.value for e in Executor)
 
 
 class FatalJobError(UserError):
@@ -798,8 +796,7 @@ def run_job(items: Iterable[Any], process_fn: Callable[[list[Any]], Iterable[Map
     JobSummary."""
     _check_name(name)
     _check_shard(num_shards, shard_index)
-    if executor not in EXECUTORS:
-        raise JobInputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    parse_choice(Executor, executor, "executor", JobInputError)
     on_ray = executor == Executor.RAY
     if on_ray:
         from .ray_executor import import_ray, run_pending as run_on_ray
