@@ -47,6 +47,7 @@ from reward.step_settings import StepSettings
 from rlhf.errors import UserError
 
 from .settings import METRICS_FILE, ROLLOUT_START, SFT_BAND, TEST_START
+from .task import LAYOUT_HELP
 
 logger = logging.getLogger("mmalign.demo")
 
@@ -81,7 +82,7 @@ class DemoArguments:
     min_tiles: int = field(default=4, metadata={"help": "Fewest tiles on a board (questions, SFT and evaluation)."})
     max_tiles: int = field(default=5, metadata={"help": "Most tiles on a board (questions, SFT and evaluation)."})
     layout: str = field(default="cells", metadata={
-        "help": "Where the tiles go: cells (any distinct cells) | rows (distinct rows, one tile each)."})
+        "help": LAYOUT_HELP})
     bon_samples: int = field(default=16, metadata={"help": "Responses per test question for Best-of-k."})
     bon_policy: str = field(default="mpo", metadata={"help": "Policy sampled for Best-of-k: mpo | sft."})
     prm_init: str = field(default="sft", metadata={"help": "Policy the VisualPRM is initialised from: sft | mpo."})

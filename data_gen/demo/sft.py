@@ -34,7 +34,7 @@ from rlhf.tiny import TinySizes
 
 from ..prompts import PromptTemplate, build_prompt
 from .settings import VALIDATION_START
-from .task import TileSumTask
+from .task import LAYOUT_HELP, TileSumTask
 
 logger = logging.getLogger("mmalign.sft")
 
@@ -411,7 +411,7 @@ class SFTArguments:
     min_tiles: int = field(default=TileSumTask.min_tiles, metadata={"help": "Fewest tiles per image."})
     max_tiles: int = field(default=TileSumTask.max_tiles, metadata={"help": "Most tiles per image."})
     layout: str = field(default=TileSumTask.layout, metadata={
-        "help": "Where the tiles go: cells (any distinct cells) | rows (distinct rows, one tile each)."})
+        "help": LAYOUT_HELP})
     train_min_tiles: int | None = field(default=None, metadata={
         "help": "Fewest tiles per training image (None: min_tiles); validation and evaluation keep min_tiles."})
     vision_hidden: int = field(default=TinySizes.vision_hidden, metadata={"help": "Vision tower width."})

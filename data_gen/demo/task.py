@@ -67,6 +67,7 @@ COLOR_KEY: dict[int, tuple[int, int, int]] = {
 SPLITS = ("train", "test")
 READING_STYLES = ("list", "per_tile")
 LAYOUTS = ("cells", "rows")
+LAYOUT_HELP = "Where the tiles go: cells (any distinct cells) | rows (distinct rows, one tile each)."
 QUESTION = "<image>\nAdd the numbers shown by the coloured tiles, left to right, top to bottom."
 BACKGROUND_LEVELS = (40, 200)  # dark and light neutral grey, each jittered by up to +-BACKGROUND_JITTER
 BACKGROUND_JITTER = 10
