@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,26 @@ def step_auc(labels: Sequence[bool | None], probs: Sequence[float]) -> float | N
         rank_sum += sum(y for _, y in pairs[i:j]) * (i + j + 1) / 2
         i = j
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def grouped_step_auc(labels: Sequence[bool | None], probs: Sequence[float], groups: Sequence[Hashable]
+                     ) -> float | None:
+    """`step_auc` counting only pairs of a `+` and a `-` step in the same group: the chance that, within a group, a
+    random `+` step scores above a random `-` one (ties half), pooled over every such pair. With groups = (question,
+    step index), a PRM that scores only the image and the position of a step gets exactly 0.5, whatever its pooled
+    `step_auc`; only what the steps say moves it. None when no group holds both classes."""
+    if not len(labels) == len(probs) == len(groups):
+        raise ValueError(f"{len(labels)} labels, {len(probs)} scores and {len(groups)} groups")
+    by_group: dict[Hashable, tuple[list[float], list[float]]] = {}
+    for y, p, g in zip(labels, probs, groups):
+        if y is not None:
+            by_group.setdefault(g, ([], []))[0 if y else 1].append(p)
+    wins, pairs = 0.0, 0
+    for right, wrong in by_group.values():
+        for p in right:
+            wins += sum(1.0 if p > q else 0.5 if p == q else 0.0 for q in wrong)
+        pairs += len(right) * len(wrong)
+    return wins / pairs if pairs else None
 
 
 StepsBySource = Mapping[str, tuple[Sequence[bool | None], Sequence[float]]]

@@ -15,7 +15,7 @@ import torch
 from data_gen.demo import pipeline
 from data_gen.demo.evaluate import (derangement, mc_agreement_by_kind, prm_fit_by_kind, prm_warnings, reading_piece,
                                     score_test_responses, step_kind)
-from data_gen.demo.task import TileSumTask
+from data_gen.demo.task import TileSumTask, step_truth
 from reward.step_settings import StepSettings
 from rlhf.errors import UserError
 
@@ -151,6 +151,65 @@ def test_image_ablation_separates_a_prm_that_reads_pixels_from_one_that_does_not
     # the exact labels follow the responses, not the images: the gold solution is right, the misread one wrong
     assert real.exact_labels == ablated.exact_labels
     assert real.by_kind["reading"][0] == [True, False] * 3
+
+
+class _PositionScorer:
+    """A PRM stand-in whose P(+) follows the question (its image) and the step index only, never the step's text:
+    the prior the demo's PRM learned (measured: "3 + 1 = 4." and "3 + 1 = 5." both 0.60)."""
+
+    def __init__(self, settings: StepSettings):
+        self.settings = settings
+
+    def steps_of(self, text: str) -> list[str]:
+        return self.settings.split(text)
+
+    def score_many(self, question, images, texts):
+        from reward.scorer import SolutionScore
+
+        base = images[0].getpixel((0, 0))[0] / 255  # the image's background grey: one prior per question
+        out = []
+        for text in texts:
+            steps = [round(0.2 + 0.6 * base * (i + 1) / 8, 6) for i in range(len(self.steps_of(text)))]
+            out.append(SolutionScore(steps, min(steps)))
+        return out
+
+
+def test_sft_recipe_band_safe_stop_is_the_demo_band():
+    """The SFT recipe's band-safe stop puts back weights inside the band the demo warns about, and stops inside it."""
+    import yaml
+
+    from data_gen.demo.settings import SFT_BAND
+
+    recipe = yaml.safe_load((pipeline.RECIPES / "sft.yaml").read_text())
+    assert (recipe["stop_fallback_at_least"], recipe["stop_overshoot_above"]) == SFT_BAND
+    assert SFT_BAND[0] <= recipe["stop_at_accuracy"] <= SFT_BAND[1]
+
+
+def test_within_question_auc_is_one_half_for_a_prm_that_scores_only_image_and_position():
+    """The pooled AUC of a prior by image and position can sit far from 0.5 (here the misread first value and the
+    right middle values take different places); the AUC within question and step index is 0.5 exactly, and a PRM
+    that does read the step gets 1.0 there."""
+    task = TileSumTask(min_tiles=4, max_tiles=4, layout="rows")
+    items, records = _records(task, 6)
+    values = {it.id: it.values for it in items}
+    images = [it.image for it in items]
+    settings = StepSettings(step_split="(?<=,)(?= )|(?= and )", system_prompt=None)
+    prior = score_test_responses(_PositionScorer(settings), records, images, values, "raw", "prior")
+    within = prior.auc_within_by_kind()
+    assert within["reading"] == 0.5 and within["sum"] is None  # every sum after a misread is not judged on its own
+    assert prior.auc_by_kind()["reading"] != 0.5
+
+    class Reader(_PositionScorer):  # the same prior, minus 0.1 on a step that misreads its value
+        def score_many(self, question, images, texts):
+            item = next(it for it in items if it.image is images[0])
+            scores = super().score_many(question, images, texts)
+            for text, score in zip(texts, scores):
+                truth = step_truth(item.values, self.steps_of(text))
+                score.step_scores = [p - (0.0 if ok else 0.1) for p, ok in zip(score.step_scores, truth)]
+            return scores
+
+    reader = score_test_responses(Reader(settings), records, images, values, "raw", "reader")
+    assert reader.auc_within_by_kind()["reading"] == 1.0
 
 
 def test_every_stage_gets_the_demo_seed_and_markers_hold_usage(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reward.eval_job import best_threshold, source_macro_f1, split_heldout, step_auc
+from reward.eval_job import best_threshold, grouped_step_auc, source_macro_f1, split_heldout, step_auc
 from reward.prm_metrics import step_f1
 from reward.prm_data import encode_prefix, encode_steps, judgement_ids
 from reward.scorer import AGGREGATORS, Aggregation, PRMScorer, ScoringMethod, as_grpo_reward
@@ -233,6 +233,24 @@ def test_step_f1_worked_numbers():
     r = step_f1([True, True, False, None, False, True], [0.9, 0.4, 0.3, 0.99, 0.6, 0.7], 0.5)
     assert r == pytest.approx({"f1_positive": 4 / 6, "f1_negative": 0.5, "macro_f1": 7 / 12,
                                "n_positive": 3, "n_negative": 2})
+
+
+def test_grouped_step_auc_counts_pairs_inside_a_group_only():
+    # group a: right 0.9, 0.5 vs wrong 0.5 -> 1 + 0.5 of 2 pairs; group b: right 0.2 vs wrong 0.3, 0.1 -> 1 of 2;
+    # group c has one class only and adds no pair; None labels are ignored. (1.5 + 1) / 4
+    labels = [True, True, False, True, False, False, True, None]
+    probs = [0.9, 0.5, 0.5, 0.2, 0.3, 0.1, 0.99, 0.0]
+    groups = ["a", "a", "a", "b", "b", "b", "c", "b"]
+    assert grouped_step_auc(labels, probs, groups) == pytest.approx(2.5 / 4)
+    # pooled, the same steps rank differently: group b's low scores count against group a's wrong step
+    assert step_auc(labels, probs) != pytest.approx(2.5 / 4)
+    # a score that depends on the group alone (the image and the position, not the step) is exactly 0.5 inside it
+    by_group = {"a": 0.8, "b": 0.3, "c": 0.6}
+    assert grouped_step_auc(labels, [by_group[g] for g in groups], groups) == 0.5
+    assert step_auc(labels, [by_group[g] for g in groups]) > 0.5  # while its pooled AUC is not
+    assert grouped_step_auc([True, False], [0.4, 0.6], ["a", "b"]) is None
+    with pytest.raises(ValueError, match="2 labels, 2 scores and 1 groups"):
+        grouped_step_auc([True, False], [0.4, 0.6], ["a"])
 
 
 def test_step_auc_worked_numbers():

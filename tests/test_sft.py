@@ -301,6 +301,42 @@ def test_stop_at_accuracy(tmp_path, monkeypatch, reported, stopped_at, steps, ch
     assert (final / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("accuracies, kept_step, restored", [
+    ([0.2, 0.38, 0.9], 4, True),     # 38% at step 4 is in reach (>= 0.35): the jump to 90% at step 6 is undone
+    ([0.2, 0.3, 0.9], 6, False),     # no earlier check at or above 0.35: the overshooting weights stay
+    ([0.2, 0.38, 0.6], 6, False)])   # 60% is not above 0.65: an ordinary stop
+def test_band_safe_stop_puts_back_the_last_check_below_the_jump(tmp_path, monkeypatch, accuracies, kept_step,
+                                                                 restored):
+    """With stop_overshoot_above, a check that jumps past the band restores the weights of the last check at or above
+    stop_fallback_at_least: the saved policy equals the weights the model had at that check (compared with an
+    unstopped run of the same seed, which saves a checkpoint at every check step)."""
+    import data_gen.demo.accuracy as accuracy
+    from safetensors.torch import load_file
+
+    answers = iter(accuracies)
+    monkeypatch.setattr(accuracy, "greedy_accuracy", lambda model, processor, items, **kw: (next(answers), []))
+    # (`answers` is looked up at each call, so the reference run below reads its own list)
+    run = {**RUN, "steps": 8, "eval_items": 0, "save_steps": 2}
+    final = train_sft(tmp_path / "run", **run, stop_at_accuracy=0.45, stop_check_every=2, stop_check_after=2,
+                      stop_check_items=2, stop_overshoot_above=0.65, stop_fallback_at_least=0.35)
+    metrics = json.loads((tmp_path / "run" / DONE_FILE).read_text())["metrics"]
+    assert metrics["stopped_at_step"] == 6 and metrics["policy_step"] == kept_step
+    assert metrics["restored_after_overshoot"] is restored
+    assert metrics["policy_validation_accuracy"] == accuracies[kept_step // 2 - 1]
+    # the same seed and schedule, stopped plainly at step `kept_step`: its weights are the policy's
+    answers = iter([0.0] * (kept_step // 2 - 1) + [0.99])
+    ref_final = train_sft(tmp_path / "ref", **run, stop_at_accuracy=0.45, stop_check_every=2, stop_check_after=2,
+                          stop_check_items=2)
+    ref = load_file(str(ref_final / "model.safetensors"))
+    got = load_file(str(final / "model.safetensors"))
+    assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_band_safe_stop_settings_are_checked(tmp_path):
+    with pytest.raises(UserError, match="stop_overshoot_above"):
+        train_sft(tmp_path / "run", **{**RUN, "eval_items": 0}, stop_at_accuracy=0.45, stop_overshoot_above=0.3)
+
+
 def test_stop_at_accuracy_must_be_a_fraction(tmp_path):
     with pytest.raises(UserError, match="stop_at_accuracy"):
         train_sft(tmp_path / "run", **{**RUN, "eval_items": 0}, stop_at_accuracy=1.5)

@@ -97,12 +97,22 @@ class TestScores:
         default_factory=lambda: {kind: ([], []) for kind in STEP_KINDS})
     by_piece: dict[str, tuple[list[bool], list[float]]] = field(
         default_factory=lambda: {piece: ([], []) for piece in READING_PIECES})  # reading steps by place in the list
+    by_kind_at: dict[str, list[tuple[int, int]]] = field(
+        default_factory=lambda: {kind: [] for kind in STEP_KINDS})  # (question, step index) of each by_kind entry
     scored: list[dict] = field(default_factory=list)
 
     def auc_by_kind(self) -> dict[str, float | None]:
         from reward.eval_job import step_auc
 
         return {kind: None if (v := step_auc(*pair)) is None else round(v, 4) for kind, pair in self.by_kind.items()}
+
+    def auc_within_by_kind(self) -> dict[str, float | None]:
+        """Per kind, the AUC over pairs of a right and a wrong step at the same question and step index
+        (`reward.eval_job.grouped_step_auc`): 0.5 for a PRM whose scores follow only the image and the position."""
+        from reward.eval_job import grouped_step_auc
+
+        return {kind: None if (v := grouped_step_auc(*pair, self.by_kind_at[kind])) is None else round(v, 4)
+                for kind, pair in self.by_kind.items()}
 
     def auc_by_piece(self) -> dict[str, float | None]:
         from reward.eval_job import step_auc
@@ -147,6 +157,7 @@ def score_test_responses(scorer, records: list[dict], images: list[Image.Image],
                 if kind and (i == 0 or truth[i - 1]):  # judged on its own: every earlier step is right
                     out.by_kind[kind][0].append(good)
                     out.by_kind[kind][1].append(p)
+                    out.by_kind_at[kind].append((len(out.questions) - 1, i))
                     if piece := reading_piece(step):
                         out.by_piece[piece][0].append(good)
                         out.by_piece[piece][1].append(p)
@@ -363,6 +374,7 @@ def evaluate(folder: Path, inputs: EvalInputs, settings: EvalSettings) -> None:
     metrics["step_scores"] = a.step_scores
     metrics["prm_step_auc"] = real.auc_by_kind()
     metrics["prm_step_auc_image_ablated"] = ablated.auc_by_kind()
+    metrics["prm_step_auc_within_question"] = real.auc_within_by_kind()
     metrics["prm_step_auc_reading_pieces"] = real.auc_by_piece()
     metrics["prm_step_auc_reading_pieces_image_ablated"] = ablated.auc_by_piece()
     metrics["prm_step_f1_exact"] = round(exact["macro_f1"], 4)

@@ -353,6 +353,8 @@ def sft_warnings(folder: Path, quick: bool) -> list[str]:
     if not history:
         return []
     step, acc = history[-1]
+    if m.get("policy_step") is not None:  # the weights kept (put back after an overshoot, else the last check's)
+        step, acc = m["policy_step"], m["policy_validation_accuracy"]
     lo, hi = SFT_BAND
     if acc < lo:
         return [f"the SFT policy did not reach the band where MPO and Best-of-N have room: greedy validation accuracy "

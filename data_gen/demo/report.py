@@ -151,16 +151,20 @@ def write_report(path: Path, m: dict[str, Any], args: Any, skipped: list[str]) -
                   "the middle ones, the one that ends the list): the AUC of P(+) between right and wrong test steps "
                   "judged on their own, with the real and the swapped images; and how the PRM fits its training "
                   "labels (`+` share and binary cross-entropy of P(+) on the first training solutions; a loss near "
-                  "the entropy of the `+` share means the kind was not learned).", "",
-                  "| steps | AUC | AUC, swapped images | training steps | training `+` share | training BCE |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "the entropy of the `+` share means the kind was not learned). AUC within question: only pairs of "
+                  "a right and a wrong step at the same question and step index, so a PRM that scores the image and "
+                  "the position of a step but not what it says gets 0.5 there.", "",
+                  "| steps | AUC | AUC within question | AUC, swapped images | training steps | training `+` share | "
+                  "training BCE |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         auc, auc_ablated = m.get("prm_step_auc") or {}, m.get("prm_step_auc_image_ablated") or {}
-        rows = [(k, auc.get(k), auc_ablated.get(k), fit.get(k, {})) for k in ("reading", "sum", "answer")]
-        rows += [(f"reading: {k}", pieces.get(k), ablated.get(k), fit.get(f"reading:{k}", {}))
+        within = m.get("prm_step_auc_within_question") or {}
+        rows = [(k, auc.get(k), within.get(k), auc_ablated.get(k), fit.get(k, {})) for k in ("reading", "sum", "answer")]
+        rows += [(f"reading: {k}", pieces.get(k), None, ablated.get(k), fit.get(f"reading:{k}", {}))
                  for k in ("first", "middle", "last")]
-        for name, a, b, f in rows:
-            lines.append(f"| {name} | {_num(a)} | {_num(b)} | {f.get('steps', 'n/a')} | {_pct(f.get('plus_share'))} "
-                         f"| {_num(f.get('bce'))} |")
+        for name, a, w, b, f in rows:
+            lines.append(f"| {name} | {_num(a)} | {_num(w)} | {_num(b)} | {f.get('steps', 'n/a')} | "
+                         f"{_pct(f.get('plus_share'))} | {_num(f.get('bce'))} |")
         lines.append("")
     lines += ["## Stages", "", "Wall and CPU seconds of each stage (CPU: this process and its children; on 2 idle "
               "cores CPU seconds run up to twice the wall's), and the 1-minute load average at its start and end: a "
