@@ -41,6 +41,8 @@ COLUMNS = [
     ("auc_reading", lambda m: (m.get("prm_step_auc") or {}).get("reading"), "num"),
     ("auc_sum", lambda m: (m.get("prm_step_auc") or {}).get("sum"), "num"),
     ("auc_reading_ablated", lambda m: (m.get("prm_step_auc_image_ablated") or {}).get("reading"), "num"),
+    ("auc_reading_within_question", lambda m: (m.get("prm_step_auc_within_question") or {}).get("reading"), "num"),
+    ("auc_sum_within_question", lambda m: (m.get("prm_step_auc_within_question") or {}).get("sum"), "num"),
     ("mc_labels_vs_exact_f1", lambda m: m.get("mc_labels_vs_exact_f1"), "num"),
     ("total_minutes", lambda m: m.get("total_minutes"), "min"),
 ]
