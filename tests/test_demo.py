@@ -60,6 +60,9 @@ def test_quick_demo_writes_report_metrics_and_plots(quick_run):
     assert set(metrics["prm_step_auc"]) == {"reading", "sum", "answer"}
     assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["prm_step_auc"].values())
     assert "prm_step_auc (reading steps)" in report
+    assert set(metrics["prm_step_auc_within_question"]) == {"reading", "sum", "answer"}
+    assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["prm_step_auc_within_question"].values())
+    assert "| steps | AUC | AUC within question | AUC, swapped images |" in report
     # the image ablation ran: the same keys as with the real images, and the trained PRM's scores move with the pixels
     assert set(metrics["prm_step_auc_image_ablated"]) == {"reading", "sum", "answer"}
     assert 0.0 <= metrics["bon_prm_ablated_acc@8"] <= 1.0
