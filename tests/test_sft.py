@@ -332,6 +332,36 @@ def test_band_safe_stop_puts_back_the_last_check_below_the_jump(tmp_path, monkey
     assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+def test_band_safe_stop_after_a_resume_puts_back_the_same_weights(tmp_path, monkeypatch):
+    """Killed after the in-band check of step 4 (and its checkpoint), resumed: the jump at step 6 puts back step 4's
+    weights, read from the run folder, exactly as an uninterrupted run does."""
+    import data_gen.demo.accuracy as accuracy
+    from safetensors.torch import load_file
+
+    from transformers import TrainerCallback
+
+    from data_gen.demo.sft import FALLBACK_FILE
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt
+
+    answers = iter([0.2, 0.38, 0.9, 0.2, 0.38, 0.9])  # killed run, then resumed run, then uninterrupted
+    monkeypatch.setattr(accuracy, "greedy_accuracy", lambda model, processor, items, **kw: (next(answers), []))
+    run = {**RUN, "steps": 8, "eval_items": 0, "save_steps": 2, "stop_at_accuracy": 0.45, "stop_check_every": 2,
+           "stop_check_after": 2, "stop_check_items": 2, "stop_overshoot_above": 0.65, "stop_fallback_at_least": 0.35}
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(tmp_path / "run", **run, callbacks=[Kill()])
+    assert (tmp_path / "run" / FALLBACK_FILE).is_file()
+    final = train_sft(tmp_path / "run", **run)
+    metrics = json.loads((tmp_path / "run" / DONE_FILE).read_text())["metrics"]
+    assert metrics["policy_step"] == 4 and metrics["restored_after_overshoot"]
+    whole = train_sft(tmp_path / "whole", **run)
+    got, ref = load_file(str(final / "model.safetensors")), load_file(str(whole / "model.safetensors"))
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 def test_band_safe_stop_settings_are_checked(tmp_path):
     with pytest.raises(UserError, match="stop_overshoot_above"):
         train_sft(tmp_path / "run", **{**RUN, "eval_items": 0}, stop_at_accuracy=0.45, stop_overshoot_above=0.3)

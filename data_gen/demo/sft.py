@@ -201,6 +201,9 @@ class _Timer(TrainerCallback):
                 "torch_threads": torch.get_num_threads()}
 
 
+FALLBACK_FILE = "band_fallback.safetensors"  # the last in-band check's weights (band-safe stop)
+
+
 class _StopAtAccuracy(TrainerCallback):
     """Stop training once greedy accuracy on `n_items` validation items reaches `threshold`, checked every `every`
     steps from step `after` on. The tile-sum policy learns to read the colours abruptly (sample accuracy 14% after
@@ -210,7 +213,8 @@ class _StopAtAccuracy(TrainerCallback):
     With `overshoot_above`, a stop is band-safe: the weights of the last check whose accuracy was at least
     `fallback_at_least` (and below `threshold`) are kept in memory, and a check that jumps past `threshold` and
     above `overshoot_above` stops training with those weights put back (the partial sums are learned as a jump:
-    seed 0 went from 41% to 67% in 20 steps). Without such an earlier check the overshooting weights stay."""
+    seed 0 went from 41% to 67% in 20 steps). Without such an earlier check the overshooting weights stay. The
+    kept weights are also written to `FALLBACK_FILE` in the run folder, so a resumed run puts back the same ones."""
 
     def __init__(self, processor, task: TileSumTask, threshold: float, every: int, after: int, n_items: int,
                  overshoot_above: float | None = None, fallback_at_least: float = 0.0):
@@ -221,6 +225,19 @@ class _StopAtAccuracy(TrainerCallback):
         self.stopped_at: int | None = None
         self.restored: tuple[int, float] | None = None  # (step, accuracy) of the weights put back
         self._fallback: tuple[int, float, dict[str, torch.Tensor]] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A resumed run takes back the in-band weights an earlier part of it kept (none from a later step)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(args.output_dir) / FALLBACK_FILE
+        if self.overshoot_above is not None and path.is_file():
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+            if int(meta["step"]) <= state.global_step:
+                self._fallback = (int(meta["step"]), float(meta["accuracy"]), load_file(str(path)))
+        return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
@@ -234,7 +251,13 @@ class _StopAtAccuracy(TrainerCallback):
                     len(self.items), acc, self.threshold)
         if acc < self.threshold:
             if self.overshoot_above is not None and acc >= self.fallback_at_least:
-                self._fallback = (step, round(acc, 4), {k: v.detach().clone() for k, v in model.state_dict().items()})
+                from safetensors.torch import save_file
+
+                weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+                self._fallback = (step, round(acc, 4), weights)
+                path = Path(args.output_dir) / FALLBACK_FILE
+                save_file(weights, str(path.with_suffix(".tmp")), metadata={"step": str(step), "accuracy": str(acc)})
+                path.with_suffix(".tmp").replace(path)
             return control
         self.stopped_at = step
         control.should_training_stop = True
