@@ -52,9 +52,13 @@ def build_policy(args, name: str) -> tuple[Path, str]:
     if given:
         return Path(given), f"the given checkpoint {given}"
     steps, scheduler = (args.sft_steps, "cosine") if name == "competent" else (args.weak_sft_steps, "constant")
-    folder = Path(args.work_dir) / (f"sft{steps}x{args.sft_batch}" + ("" if scheduler == "cosine" else "_constant"))
+    folder = Path(args.work_dir) / (f"sft{steps}x{args.sft_batch}_{args.layout}{args.min_tiles}-{args.max_tiles}"
+                                    + ("" if scheduler == "cosine" else "_constant"))
     start = time.perf_counter()
-    policy = train_sft(folder, steps=steps, batch_size=args.sft_batch, learning_rate=2e-3,
+    from data_gen.demo.task import TileSumTask
+
+    task = TileSumTask(min_tiles=args.min_tiles, max_tiles=args.max_tiles, layout=args.layout)
+    policy = train_sft(folder, steps=steps, batch_size=args.sft_batch, learning_rate=2e-3, task=task,
                        lr_scheduler_type=scheduler, eval_items=0, save_steps=200, logging_steps=100, progress=False)
     return policy, (f"tiny InternVL fine-tuned {steps} steps x {args.sft_batch} tile-sum gold solutions, lr 2e-3 "
                     f"{scheduler} ({time.perf_counter() - start:.0f} s here; cached in {folder})")
@@ -93,11 +97,15 @@ def bench_backend(args, name: str, policy: Path, trained: str, throughput: bool,
 
     work = Path(args.work_dir) / name
     shutil.rmtree(work, ignore_errors=True)  # made afresh on every run
-    questions = TileSumTask().write_questions(work / "questions", "test", args.questions)
+    task = TileSumTask(min_tiles=args.min_tiles, max_tiles=args.max_tiles, layout=args.layout)
+    questions = task.write_questions(work / "questions", "test", args.questions)
     backend_args = backend_arguments(args, policy, prefix_caching)
     start = time.perf_counter()
     # the rollout job builds its own hf backend from the checkpoint (and closes it)
-    rollout(RolloutArguments(questions=str(questions), num_samples=args.solutions, prompt_template="plain"),
+    # no system turn: the demo's policies (and this benchmark's own) learned their format without one; the rollout's
+    # default (`auto`) gives an InternVL-architecture checkpoint InternVL's message, and they answer it with noise
+    rollout(RolloutArguments(questions=str(questions), num_samples=args.solutions, prompt_template="plain",
+                             system_prompt=""),
             backend_args,
             SamplingArguments(temperature=args.solution_temperature, top_k=None, max_new_tokens=96, seed=0),
             JobArguments(output_dir=str(work / "rollouts"), batch_size=args.questions, progress=False))
@@ -236,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weak_sft_steps", type=int, default=600, help="SFT steps of the weak policy (constant lr)")
     parser.add_argument("--sft_batch", type=int, default=32)
     parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--min_tiles", type=int, default=4, help="the boards of the questions (and of the SFT policies "
+                        "trained here): the demo recipe's are 4 tiles, one per row")
+    parser.add_argument("--max_tiles", type=int, default=4)
+    parser.add_argument("--layout", default="rows", help="cells | rows")
     parser.add_argument("--solutions", type=int, default=2, help="policy solutions per question")
     parser.add_argument("--solution_temperature", type=float, default=1.0,
                         help="temperature of the policy solutions (published: 1.0)")
