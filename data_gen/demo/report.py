@@ -159,7 +159,8 @@ def write_report(path: Path, m: dict[str, Any], args: Any, skipped: list[str]) -
                   "|---|---:|---:|---:|---:|---:|---:|"]
         auc, auc_ablated = m.get("prm_step_auc") or {}, m.get("prm_step_auc_image_ablated") or {}
         within = m.get("prm_step_auc_within_question") or {}
-        rows = [(k, auc.get(k), within.get(k), auc_ablated.get(k), fit.get(k, {})) for k in ("reading", "sum", "answer")]
+        rows = [(k, auc.get(k), within.get(k), auc_ablated.get(k), fit.get(k, {}))
+                for k in ("reading", "sum", "answer")]
         rows += [(f"reading: {k}", pieces.get(k), None, ablated.get(k), fit.get(f"reading:{k}", {}))
                  for k in ("first", "middle", "last")]
         for name, a, w, b, f in rows:
