@@ -308,8 +308,8 @@ def test_stop_at_accuracy(tmp_path, monkeypatch, reported, stopped_at, steps, ch
 def test_band_safe_stop_puts_back_the_last_check_below_the_jump(tmp_path, monkeypatch, accuracies, kept_step,
                                                                  restored):
     """With stop_overshoot_above, a check that jumps past the band restores the weights of the last check at or above
-    stop_fallback_at_least: the saved policy equals the weights the model had at that check (compared with an
-    unstopped run of the same seed, which saves a checkpoint at every check step)."""
+    stop_fallback_at_least: the saved policy equals the weights the model had at that check (compared with a run of
+    the same seed and schedule stopped plainly at that step)."""
     import data_gen.demo.accuracy as accuracy
     from safetensors.torch import load_file
 

@@ -211,10 +211,10 @@ class _StopAtAccuracy(TrainerCallback):
     The validation items come from the train split at VALIDATION_START, never used for training or rollouts.
 
     With `overshoot_above`, a stop is band-safe: the weights of the last check whose accuracy was at least
-    `fallback_at_least` (and below `threshold`) are kept in memory, and a check that jumps past `threshold` and
-    above `overshoot_above` stops training with those weights put back (the partial sums are learned as a jump:
-    seed 0 went from 41% to 67% in 20 steps). Without such an earlier check the overshooting weights stay. The
-    kept weights are also written to `FALLBACK_FILE` in the run folder, so a resumed run puts back the same ones."""
+    `fallback_at_least` (and below `threshold`) are written to `FALLBACK_FILE` in the run folder, and a check that
+    jumps past `threshold` and above `overshoot_above` stops training with those weights put back (the partial sums
+    are learned as a jump: seed 0 went from 41% to 67% in 20 steps). Without such an earlier check the overshooting
+    weights stay. The file is the only copy, so a resumed run puts back the same weights."""
 
     def __init__(self, processor, task: TileSumTask, threshold: float, every: int, after: int, n_items: int,
                  overshoot_above: float | None = None, fallback_at_least: float = 0.0):
@@ -224,19 +224,18 @@ class _StopAtAccuracy(TrainerCallback):
         self.history: list[tuple[int, float]] = []
         self.stopped_at: int | None = None
         self.restored: tuple[int, float] | None = None  # (step, accuracy) of the weights put back
-        self._fallback: tuple[int, float, dict[str, torch.Tensor]] | None = None
+        self._fallback: tuple[int, float] | None = None  # (step, accuracy) of the weights in FALLBACK_FILE
 
     def on_train_begin(self, args, state, control, **kwargs):
         """A resumed run takes back the in-band weights an earlier part of it kept (none from a later step)."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         path = Path(args.output_dir) / FALLBACK_FILE
         if self.overshoot_above is not None and path.is_file():
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata()
             if int(meta["step"]) <= state.global_step:
-                self._fallback = (int(meta["step"]), float(meta["accuracy"]), load_file(str(path)))
+                self._fallback = (int(meta["step"]), float(meta["accuracy"]))
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -253,18 +252,21 @@ class _StopAtAccuracy(TrainerCallback):
             if self.overshoot_above is not None and acc >= self.fallback_at_least:
                 from safetensors.torch import save_file
 
-                weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-                self._fallback = (step, round(acc, 4), weights)
+                weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}  # tied: copies
                 path = Path(args.output_dir) / FALLBACK_FILE
-                save_file(weights, str(path.with_suffix(".tmp")), metadata={"step": str(step), "accuracy": str(acc)})
+                save_file(weights, str(path.with_suffix(".tmp")),
+                          metadata={"step": str(step), "accuracy": str(round(acc, 4))})
                 path.with_suffix(".tmp").replace(path)
+                self._fallback = (step, round(acc, 4))
             return control
         self.stopped_at = step
         control.should_training_stop = True
         control.should_save = True
         if self.overshoot_above is not None and acc > self.overshoot_above and self._fallback is not None:
-            fallback_step, fallback_acc, weights = self._fallback
-            model.load_state_dict(weights)
+            from safetensors.torch import load_file
+
+            fallback_step, fallback_acc = self._fallback
+            model.load_state_dict(load_file(str(Path(args.output_dir) / FALLBACK_FILE)))
             self.restored = (fallback_step, fallback_acc)
             logger.info("demo SFT: %.3f at step %d overshoots %.3f: the weights of step %d (%.3f) are put back",
                         acc, step, self.overshoot_above, fallback_step, fallback_acc)
